@@ -1,0 +1,125 @@
+"""Typed settings, one pydantic model per concern, validated on creation.
+
+Defaults follow the method as the paper and its released code run it (DESIGN §2). Values come from, in
+order of precedence: command-line flags, environment variables (ASPIRE_<CONCERN>__<FIELD>, e.g.
+ASPIRE_GROUND__BOX_THRESHOLD=0.35), a TOML/JSON config file (`--config`), these defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aspire.errors import ConfigError
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HoldoutSettings(Settings):
+    fraction: float = Field(0.2, gt=0, le=1, description="p: share of correctly classified training images probed")
+    max_per_class: int = Field(200, ge=1)
+    seed: int = 0
+
+
+class CaptionSettings(Settings):
+    backend: Literal["annotations", "transformers", "openai"] = "annotations"
+    model_id: str = "microsoft/git-large-coco"
+    max_new_tokens: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    prompt: Optional[str] = None
+    device: Optional[str] = None
+
+
+class PhraseSettings(Settings):
+    backend: Literal["offline", "llm"] = "offline"
+    model: str = "gpt-4o"
+    captions_per_call: int = Field(8, ge=1)
+    max_retries: int = Field(2, ge=0)
+
+
+class GroundSettings(Settings):
+    backend: Literal["annotations", "transformers"] = "annotations"
+    detector_id: str = "IDEA-Research/grounding-dino-tiny"
+    segmenter_id: str = "facebook/sam-vit-base"
+    box_threshold: float = Field(0.3, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    dilation_px: int = Field(10, ge=0)
+    device: Optional[str] = None
+
+
+class EditSettings(Settings):
+    remove_backend: Literal["opencv", "sd-inpaint", "lama"] = "opencv"
+    background_backend: Literal["replace", "instruct-pix2pix"] = "replace"
+    inpaint_model_id: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"
+    lama_torchscript: Optional[str] = None
+    pix2pix_model_id: str = "timbrooks/instruct-pix2pix"
+    instruction: str = "turn the background of {bg} into {alt}"
+    num_inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = 7.5
+    background_fill: Literal["neutral", "other-image"] = "other-image"
+    batch_size: int = Field(4, ge=1)
+    device: Optional[str] = None
+
+
+class ProbeSettings(Settings):
+    batch_size: int = Field(64, ge=1)
+    merge_similarity: float = Field(0.7, ge=0, le=1)
+    max_edits_per_class: int = Field(35, ge=1, description="flipping edits kept per class for generation")
+    min_occurrences: int = Field(3, ge=1)
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided test vs the control")
+    min_effect: float = Field(0.2, ge=0, le=1, description="minimum flip rate minus control flip rate")
+    seed: int = 0
+
+
+class AspireConfig(Settings):
+    holdout: HoldoutSettings = HoldoutSettings()
+    caption: CaptionSettings = CaptionSettings()
+    phrases: PhraseSettings = PhraseSettings()
+    ground: GroundSettings = GroundSettings()
+    edit: EditSettings = EditSettings()
+    probe: ProbeSettings = ProbeSettings()
+
+
+def _env_overrides(prefix: str = "ASPIRE_") -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for key, value in os.environ.items():
+        if key.startswith(prefix) and "__" in key:
+            concern, field = key[len(prefix):].lower().split("__", 1)
+            out.setdefault(concern, {})[field] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None) -> AspireConfig:
+    """Defaults < config file < environment < `overrides` (from flags). Invalid values raise ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file is missing") from None
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: invalid config file ({e})") from None
+    data = _merge(data, _env_overrides())
+    data = _merge(data, overrides or {})
+    try:
+        return AspireConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"setting {where}: {err['msg']} (got {err.get('input')!r})") from None

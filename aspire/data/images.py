@@ -1,0 +1,62 @@
+"""Image and mask loading with errors that name the file, and a torch Dataset over samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from aspire.errors import DataError
+from aspire.schemas import Sample
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Load an RGB image; a missing or corrupt file raises DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file is missing")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: corrupt or unreadable image ({type(e).__name__})") from None
+
+
+def load_mask(path: str | Path, size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """Load a 0/255 PNG mask as a bool array (H, W); `size` (W, H) is checked when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: mask file is missing")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: corrupt or unreadable mask ({type(e).__name__})") from None
+    if size is not None and (arr.shape[1], arr.shape[0]) != tuple(size):
+        raise DataError(f"{path}: mask size {arr.shape[1]}x{arr.shape[0]} differs from image size {size[0]}x{size[1]}")
+    return arr > 127
+
+
+def save_mask(mask: np.ndarray, path: str | Path) -> Path:
+    from aspire.atomic import write_with
+
+    img = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    return write_with(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+class ImageDataset:
+    """A torch-style dataset over samples: returns (image tensor, y, attr or -1, index)."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], "object"]):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        return self.transform(load_image(s.path)), s.y, (-1 if s.attr is None else s.attr), i

@@ -1,0 +1,52 @@
+"""Device and precision choice, and the out-of-memory retry shared by every batched model call."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def pick_device(preferred: Optional[str] = None) -> torch.device:
+    """cuda, then mps, then cpu; an explicit `preferred` wins."""
+    if preferred:
+        return torch.device(preferred)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """Half precision on GPU, full precision on CPU."""
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def map_batches(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], batch_size: int,
+                on_batch: Optional[Callable[[int], None]] = None) -> list[R]:
+    """Apply `fn` to consecutive batches; on out-of-memory halve the batch and retry (down to 1)."""
+    out: list[R] = []
+    i = 0
+    while i < len(items):
+        batch = items[i:i + batch_size]
+        try:
+            out.extend(fn(batch))
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not is_oom(e) or batch_size == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            continue
+        i += len(batch)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return out
