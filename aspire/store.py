@@ -1,0 +1,118 @@
+"""The run store: one SQLite database per run folder, with the run's artifacts on disk beside it.
+
+Records (captions, phrase sets, regions, edits, probes, findings, ...) are stored as JSON keyed by a
+natural id, so writing the same record twice is a no-op: a node re-run after a crash neither loses nor
+duplicates work. Images live under the run folder (`edits/`, `masks/`), named by content or by id.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Type, TypeVar
+
+from pydantic import BaseModel
+
+from aspire.errors import AspireError
+
+M = TypeVar("M", bound=BaseModel)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    kind TEXT NOT NULL, key TEXT NOT NULL, json TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (kind, key));
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, kind TEXT NOT NULL, json TEXT NOT NULL);
+"""
+
+
+class RunStore:
+    DB_NAME = "run.sqlite"
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir).expanduser().resolve()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.run_dir / self.DB_NAME, check_same_thread=False, timeout=30)
+            self._conn.executescript(SCHEMA)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as e:
+            raise AspireError(f"{self.run_dir / self.DB_NAME}: cannot open the run store ({e})") from None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ paths
+    def path(self, *parts: str) -> Path:
+        p = self.run_dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def folder(self, name: str) -> Path:
+        p = self.run_dir / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    # ------------------------------------------------------------ meta
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    # ------------------------------------------------------------ records
+    def put(self, kind: str, key: str, record: BaseModel | dict) -> None:
+        self.put_many(kind, [(key, record)])
+
+    def put_many(self, kind: str, items: Iterable[tuple[str, BaseModel | dict]]) -> None:
+        rows = [(kind, key, _dump(rec), time.time()) for key, rec in items]
+        with self._lock, self._conn:
+            # keep the first write of a key: re-running a node never changes what was recorded
+            self._conn.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?)", rows)
+
+    def replace_all(self, kind: str, items: Iterable[tuple[str, BaseModel | dict]]) -> None:
+        """Replace every record of a kind in one transaction (derived results such as findings)."""
+        rows = [(kind, key, _dump(rec), time.time()) for key, rec in items]
+        with self._lock, self._conn:
+            self._conn.execute("DELETE FROM records WHERE kind = ?", (kind,))
+            self._conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?)", rows)
+
+    def has(self, kind: str, key: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM records WHERE kind = ? AND key = ?", (kind, key)).fetchone() is not None
+
+    def get(self, kind: str, key: str, model: Type[M]) -> Optional[M]:
+        row = self._conn.execute("SELECT json FROM records WHERE kind = ? AND key = ?", (kind, key)).fetchone()
+        return None if row is None else model.model_validate_json(row[0])
+
+    def all(self, kind: str, model: Type[M]) -> list[M]:
+        rows = self._conn.execute("SELECT json FROM records WHERE kind = ? ORDER BY created, key", (kind,)).fetchall()
+        return [model.model_validate_json(r[0]) for r in rows]
+
+    def keys(self, kind: str) -> set[str]:
+        return {r[0] for r in self._conn.execute("SELECT key FROM records WHERE kind = ?", (kind,))}
+
+    def count(self, kind: str) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM records WHERE kind = ?", (kind,)).fetchone()[0]
+
+    # ------------------------------------------------------------ events (the run's log and reasoning trail)
+    def log_event(self, kind: str, payload: dict) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("INSERT INTO events (time, kind, json) VALUES (?, ?, ?)",
+                               (time.time(), kind, json.dumps(payload)))
+
+    def events(self, kind: Optional[str] = None) -> list[dict]:
+        sql = "SELECT time, kind, json FROM events" + (" WHERE kind = ?" if kind else "") + " ORDER BY id"
+        return [{"time": t, "kind": k, **json.loads(j)} for t, k, j in self._conn.execute(sql, (kind,) if kind else ())]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _dump(record: BaseModel | dict) -> str:
+    if isinstance(record, BaseModel):
+        return record.model_dump_json(by_alias=True)
+    return json.dumps(record)
