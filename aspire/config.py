@@ -33,8 +33,14 @@ class CaptionSettings(Settings):
     model_id: str = "microsoft/git-large-coco"
     max_new_tokens: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)
-    prompt: Optional[str] = None
+    prompt: Optional[str] = Field(None, description="transformers: text the caption starts from (stripped from the output)")
     device: Optional[str] = None
+    annotations: Optional[str] = Field(None, description="annotations backend: path of annotations.jsonl")
+    chat_model: str = Field("gpt-4o", description="openai backend: vision chat model name")
+    base_url: Optional[str] = Field(None, description="openai backend: endpoint (else OPENAI_BASE_URL, else OpenAI)")
+    api_key: Optional[str] = Field(None, repr=False, description="openai backend: key (else OPENAI_API_KEY)")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(2, ge=0)
 
 
 class PhraseSettings(Settings):
@@ -42,6 +48,12 @@ class PhraseSettings(Settings):
     model: str = "gpt-4o"
     captions_per_call: int = Field(8, ge=1)
     max_retries: int = Field(2, ge=0)
+    base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint; falls back to OPENAI_BASE_URL")
+    api_key: Optional[str] = Field(None, repr=False, exclude=True, description="falls back to OPENAI_API_KEY")
+    timeout_s: float = Field(60.0, gt=0, description="per LLM request")
+    temperature: Optional[float] = Field(0.0, ge=0, description="None: the server's default (models without it)")
+    retry_wait_s: float = Field(1.0, ge=0, description="wait before retry k: retry_wait_s * 2**(k-1)")
+    structured_output: Literal["function_calling", "json_schema"] = "function_calling"
 
 
 class GroundSettings(Settings):
@@ -50,7 +62,9 @@ class GroundSettings(Settings):
     segmenter_id: str = "facebook/sam-vit-base"
     box_threshold: float = Field(0.3, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
-    dilation_px: int = Field(10, ge=0)
+    dilation_px: int = Field(10, ge=0, description="mask dilation radius; 0 keeps exact masks as they are")
+    batch_size: int = Field(8, ge=1, description="phrases per GroundingDINO forward")
+    annotations: Optional[str] = Field(None, description="annotations backend: path of annotations.jsonl")
     device: Optional[str] = None
 
 
@@ -66,6 +80,12 @@ class EditSettings(Settings):
     background_fill: Literal["neutral", "other-image"] = "other-image"
     batch_size: int = Field(4, ge=1)
     device: Optional[str] = None
+    inpaint_prompt: str = Field("background", description="the neutral prompt of diffusion inpainting")
+    image_guidance_scale: float = 1.5
+    working_size_px: Optional[int] = Field(
+        512, ge=8, description="longer side diffusion works at (None: native), rounded to a multiple of 8")
+    opencv_radius_px: int = Field(3, ge=1, le=15)
+    control_gap_px: int = Field(4, ge=0, description="a control mask keeps this many pixels away from the phrase's mask")
 
 
 class ProbeSettings(Settings):

@@ -95,6 +95,7 @@ class Region(Record):
     scores: list[float] = []
     area_px: int = 0
     backend: str = ""
+    reason: Optional[str] = Field(default=None, description="why the phrase was not grounded")
 
 
 class Edit(Record):
