@@ -63,6 +63,9 @@ class GroundSettings(Settings):
     box_threshold: float = Field(0.3, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
     dilation_px: int = Field(10, ge=0, description="mask dilation radius; 0 keeps exact masks as they are")
+    dilation_reference_px: Optional[int] = Field(
+        512, ge=1, description="dilation_px applies at this longer image side and scales with it "
+        "(the method's 10 px at 512 px); None: dilation_px is absolute")
     batch_size: int = Field(8, ge=1, description="phrases per GroundingDINO forward")
     annotations: Optional[str] = Field(None, description="annotations backend: path of annotations.jsonl")
     device: Optional[str] = None

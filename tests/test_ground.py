@@ -40,7 +40,7 @@ def tiny_models(tmp_path_factory):
 
 def _model_grounder(tiny_models, **kw) -> Grounder:
     gdino, sam = tiny_models
-    settings = dict(backend="transformers", detector_id=gdino, segmenter_id=sam, device="cpu")
+    settings = dict(backend="transformers", detector_id=gdino, segmenter_id=sam, device="cpu", dilation_reference_px=None)
     return Grounder(GroundSettings(**(settings | kw)))
 
 
@@ -142,7 +142,8 @@ def annotated(tmp_path):
 
 
 def _ann_grounder(root: Path, dilation_px: int = 0) -> Grounder:
-    return Grounder(GroundSettings(annotations=str(root / "annotations.jsonl"), dilation_px=dilation_px))
+    return Grounder(GroundSettings(annotations=str(root / "annotations.jsonl"), dilation_px=dilation_px,
+                                   dilation_reference_px=None))
 
 
 def test_annotations_exact_plural_synonym_match(annotated, tmp_path):
@@ -236,3 +237,11 @@ def test_langchain_tool(annotated, tmp_path):
     assert np.array_equal(load_mask(out[0]["mask_png"], size=(W, H)), masks["boat"])
     err = tool.invoke({"image_path": "imgs/one.png", "phrases": ["dog"]})
     assert isinstance(err, str) and "DataError" in err and "dog.png" in err
+
+
+def test_dilation_scales_with_the_image_side():
+    g = Grounder(GroundSettings(dilation_px=10))
+    assert g.dilation_radius((512, 384)) == 10 and g.dilation_radius((1024, 1024)) == 20
+    assert g.dilation_radius((64, 64)) == 1
+    assert Grounder(GroundSettings(dilation_px=10, dilation_reference_px=None)).dilation_radius((64, 64)) == 10
+    assert Grounder(GroundSettings(dilation_px=0)).dilation_radius((512, 512)) == 0

@@ -6,7 +6,7 @@ Backends behind one `Grounder.ground(image_key, image, phrases, out_dir)` call, 
 - "transformers": GroundingDINO (`IDEA-Research/grounding-dino-tiny`) finds boxes for the prompt
   `phrase + "."` (box threshold 0.3, text threshold 0.25); SAM (`facebook/sam-vit-base`) turns each box
   into one mask (the image embedding is computed once per image, for all phrases); the union of the masks,
-  dilated by `dilation_px` (10 px, elliptical kernel), is the phrase's region.
+  dilated by `dilation_px` (10 px at 512 px, scaled with the image; elliptical kernel), is the phrase's region.
 - "annotations": the masks of the image's annotations.jsonl regions whose phrase matches (normalised,
   lemmas, synonyms: `lexicon.same_phrase`), unioned and dilated the same way (set `dilation_px=0` to keep
   exact annotated masks as they are).
@@ -163,9 +163,17 @@ class Grounder:
         """The settings a mask depends on: a different setting writes a different file."""
         s = self.settings
         if s.backend == "transformers":
-            parts = (s.backend, s.detector_id, s.segmenter_id, s.box_threshold, s.text_threshold, s.dilation_px)
+            parts = (s.backend, s.detector_id, s.segmenter_id, s.box_threshold, s.text_threshold, s.dilation_px,
+                     s.dilation_reference_px)
             return "|".join(map(str, parts))
-        return f"{s.backend}|{s.dilation_px}"
+        return f"{s.backend}|{s.dilation_px}|{s.dilation_reference_px}"
+
+    def dilation_radius(self, shape_hw: tuple[int, int]) -> int:
+        """`dilation_px`, scaled by the image's longer side over `dilation_reference_px` (at least 1 px)."""
+        px, ref = self.settings.dilation_px, self.settings.dilation_reference_px
+        if px == 0 or ref is None:
+            return px
+        return max(1, round(px * max(shape_hw) / ref))
 
     def _region(self, image_key: str, phrase: str, hits: _Hits, out_dir: Path) -> Region:
         from aspire.data.images import save_mask
@@ -174,7 +182,7 @@ class Grounder:
                       backend=self.settings.backend)
         if hits.mask is None:
             return Region(grounded=False, reason=hits.reason, **common)
-        mask = dilate(hits.mask, self.settings.dilation_px)  # (H, W) bool
+        mask = dilate(hits.mask, self.dilation_radius(hits.mask.shape))  # (H, W) bool
         path = save_mask(mask, out_dir / mask_filename(image_key, phrase, self._fingerprint()))
         return Region(grounded=True, mask_png=str(path.resolve()), area_px=int(mask.sum()), **common)
 

@@ -11,7 +11,8 @@ For every real edit there is a control edit of the same area at a random place o
 
 A group with no control edits cannot be separated from "any edit flips the model": its p-value is 1 and
 it is never marked spurious. Near-duplicate phrases (same lemma, or similarity >= merge_similarity) are
-merged into one group named by its most frequent phrase.
+merged into one group named by its most frequent phrase; background phrases of one scene category
+("lake", "pond", "sea") merge too.
 """
 
 from __future__ import annotations
@@ -77,13 +78,22 @@ class Prober:
         return out
 
 
-def merge_phrase_groups(phrases: Iterable[str], similarity: float = 0.7) -> dict[str, str]:
-    """Map each phrase to its group's name: greedy clustering, most frequent phrases first."""
+def merge_phrase_groups(phrases: Iterable[str], similarity: float = 0.7, *, by_scene: bool = False) -> dict[str, str]:
+    """Map each phrase to its group's name: greedy clustering, most frequent phrases first.
+
+    With `by_scene` (background phrases) phrases of one scene category ("lake", "pond", "sea" → water) also
+    merge: changing the background to the alternative removes them all alike."""
     counts = Counter(lexicon.normalize(p) for p in phrases)
     names: list[str] = []
     mapping: dict[str, str] = {}
+
+    def same(a: str, b: str) -> bool:
+        if by_scene and lexicon.scene_category(a) is not None and lexicon.scene_category(a) == lexicon.scene_category(b):
+            return True
+        return lexicon.similarity(a, b) >= similarity
+
     for phrase, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        home = next((n for n in names if lexicon.same_phrase(phrase, n) or lexicon.similarity(phrase, n) >= similarity), None)
+        home = next((n for n in names if same(phrase, n)), None)
         if home is None:
             names.append(phrase)
             home = phrase
@@ -103,10 +113,12 @@ def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str],
                        settings: ProbeSettings | None = None) -> list[Finding]:
     """Findings per (class, phrase group, kind), strongest first."""
     settings = settings or ProbeSettings()
-    mapping = merge_phrase_groups((p.phrase for p in probes), settings.merge_similarity)
+    mappings = {kind: merge_phrase_groups((p.phrase for p in probes if p.kind == kind), settings.merge_similarity,
+                                          by_scene=kind == "background")
+                for kind in ("foreground", "background")}
     groups: dict[tuple[int, str, str], list[Probe]] = defaultdict(list)
     for p in probes:
-        groups[(p.y, mapping[lexicon.normalize(p.phrase)], p.kind)].append(p)
+        groups[(p.y, mappings[p.kind][lexicon.normalize(p.phrase)], p.kind)].append(p)
 
     findings = []
     for (y, name, kind), items in groups.items():

@@ -1,0 +1,61 @@
+"""Evaluate a classifier on a dataset split: group metrics with training-group weights."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from aspire.data.formats import Dataset
+from aspire.data.images import load_image
+from aspire.errors import DataError
+from aspire.models.classifier import Classifier
+from aspire.models.metrics import count_groups, group_metrics
+from aspire.schemas import EvalResult, Sample
+
+_console = Console(stderr=True)
+
+
+def check_labels(clf: Classifier, samples: Sequence[Sample]) -> None:
+    """Every label must index one of the classifier's outputs."""
+    for s in samples:
+        if not 0 <= s.y < clf.num_classes:
+            raise DataError(f"{s.path}: label {s.y} out of range: the classifier has {clf.num_classes} classes "
+                            f"({', '.join(clf.class_names)})")
+
+
+def predict_samples(clf: Classifier, samples: Sequence[Sample], batch_size: int = 128,
+                    progress: bool = False) -> np.ndarray:
+    """Class probabilities (N, C) for samples, loading images one batch at a time."""
+    chunks = []
+    with Progress(console=_console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("predicting", total=len(samples))
+        for i in range(0, len(samples), batch_size):
+            batch = samples[i:i + batch_size]
+            chunks.append(clf.predict_proba([load_image(s.path) for s in batch], batch_size=batch_size))
+            bar.advance(task, len(batch))
+    return np.concatenate(chunks) if chunks else np.zeros((0, clf.num_classes), np.float32)
+
+
+def evaluate(clf: Classifier, dataset: Dataset, split: str = "test", batch_size: int = 128,
+             progress: bool = False) -> EvalResult:
+    """Per-group accuracy, worst-group, average and training-weighted average accuracy on one split.
+    Groups are (y, attribute) when the dataset has an attribute, else the classes."""
+    # 1. check inputs
+    samples = dataset.split(split)
+    check_labels(clf, samples)
+    if list(dataset.class_names) != list(clf.class_names):
+        _console.print(f"warning: the dataset's class names {dataset.class_names} differ from the classifier's "
+                       f"{clf.class_names}; labels are matched by index", highlight=False, soft_wrap=True)
+    # 2. predict
+    probs = predict_samples(clf, samples, batch_size, progress)  # (N, C)
+    # 3. metrics, weighted by the training split's group shares when there is one
+    use_groups = dataset.has_groups
+    attr: Optional[list[Optional[int]]] = [s.attr for s in samples] if use_groups else None
+    train = dataset.split("train", allow_empty=True)
+    train_counts = count_groups([s.y for s in train], [s.attr for s in train] if use_groups else None) if train else None
+    return group_metrics([s.y for s in samples], probs.argmax(1), attr, class_names=clf.class_names,
+                         attr_name=dataset.attr_name if use_groups else None,
+                         train_group_counts=train_counts, split=split)
