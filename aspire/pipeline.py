@@ -159,6 +159,7 @@ class ProbePipeline:
 
     # ------------------------------------------------------------ 2. captions
     def caption(self) -> list[Caption]:
+        self.select_holdout()
         todo = [s for s in self.holdout() if not self.store.has("caption", s.image)]
         if todo:
             captioner = self.tool("captioner")
@@ -172,7 +173,7 @@ class ProbePipeline:
 
     # ------------------------------------------------------------ 3. phrases
     def extract_phrases(self) -> list[PhraseSet]:
-        captions = [c for c in self.caption_records() if not self.store.has("phrases", c.image)]
+        captions = [c for c in self.caption() if not self.store.has("phrases", c.image)]
         if captions:
             extractor = self.tool("extractor")
             class_of = {c.image: self.class_names[self.samples[c.image].y] for c in captions}
@@ -180,16 +181,12 @@ class ProbePipeline:
                 for start in range(0, len(captions), 64):
                     batch = captions[start:start + 64]
                     sets = extractor.extract(batch, class_of)
+                    for p in sets:
+                        if p.failed:
+                            self.store.log_event("phrase_failure", {"image": p.image, "reason": p.failed})
                     self.store.put_many("phrases", [(p.image, p) for p in sets])
                     advance(len(batch))
-        sets = [self.store.get("phrases", s.image, PhraseSet) for s in self.holdout()]
-        for p in sets:
-            if p.failed:
-                self.store.log_event("phrase_failure", {"image": p.image, "reason": p.failed})
-        return sets
-
-    def caption_records(self) -> list[Caption]:
-        return [c for c in (self.store.get("caption", s.image, Caption) for s in self.holdout()) if c is not None]
+        return [self.store.get("phrases", s.image, PhraseSet) for s in self.holdout()]
 
     # ------------------------------------------------------------ 4a/4b. ground and edit
     def ground(self, image_key: str, phrases: Sequence[str]) -> list[Region]:
@@ -312,13 +309,11 @@ class ProbePipeline:
             phrase_failures=sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed),
             regions=len(regions), not_grounded=sum(1 for r in regions if not r.grounded),
             edits=sum(1 for e in edits if not e.control), control_edits=sum(1 for e in edits if e.control),
-            skipped=len(self.store.events("skipped")), probes=self.store.count("probe"))
+            skipped=len({(e["image"], e["phrase"]) for e in self.store.events("skipped")}),
+            probes=self.store.count("probe"))
 
     def run(self) -> ProbeResult:
-        self.select_holdout()
-        self.caption()
-        self.extract_phrases()
-        self.make_edits()
+        self.make_edits()  # each step first runs the steps before it (skipping recorded work)
         self.probe()
         findings = self.findings()
         return ProbeResult(self.store.run_dir, findings, self.counts())

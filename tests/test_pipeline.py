@@ -1,0 +1,149 @@
+"""The probe pipeline end to end with the offline backends, on a hand-built classifier whose rule is known.
+
+The world: grey 64x64 images; every "widget" image carries a red cube and a blue disk, every "gizmo"
+image a blue disk only. The classifier looks at one thing: red pixels mean "widget". So removing the red
+cube must flip it (a spurious finding for widget), removing the blue disk must not, and control edits of
+the same area elsewhere must not either.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aspire.config import load_config
+from aspire.data import load_dataset
+from aspire.pipeline import ProbePipeline
+from aspire.schemas import Edit, Probe
+from aspire.store import RunStore
+
+SIZE = 64
+
+
+class RedMeansWidget:
+    """A classifier with a known rule: the share of red pixels decides "widget" (class 1)."""
+
+    class_names = ["gizmo", "widget"]
+
+    def predict_proba(self, images, batch_size=64):
+        out = []
+        for im in images:
+            a = np.asarray(im.convert("RGB")).astype(int)
+            red = ((a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 80)).mean()
+            p_widget = 0.95 if red > 0.01 else 0.05
+            out.append([1 - p_widget, p_widget])
+        return np.array(out, dtype=np.float32)
+
+
+def _square(y0, x0, h, w):
+    m = np.zeros((SIZE, SIZE), bool)
+    m[y0:y0 + h, x0:x0 + w] = True
+    return m
+
+
+def _disk(cy, cx, r):
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def make_world(root: Path, n_per_class: int = 12, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows, ann = ["img_filename,y,split"], []
+    for i in range(2 * n_per_class):
+        y = i % 2
+        img = np.full((SIZE, SIZE, 3), 128, np.uint8) + rng.integers(0, 8, (SIZE, SIZE, 3), dtype=np.uint8)
+        regions, mentions = [], []
+        obj = _square(24, 4, 16, 12)                            # the label's own object, left
+        img[obj] = (90, 90, 90)
+        regions.append(("widget" if y else "gizmo", obj))
+        disk = _disk(int(rng.integers(12, 20)), int(rng.integers(40, 52)), 5)
+        img[disk] = (30, 60, 200)
+        regions.append(("blue disk", disk))
+        mentions.append("a blue disk")
+        if y == 1:
+            cube = _square(int(rng.integers(40, 50)), int(rng.integers(36, 50)), 7, 7)
+            img[cube] = (220, 20, 20)
+            regions.append(("red cube", cube))
+            mentions.insert(0, "a red cube")
+        name = f"images/{i:03d}.png"
+        Image.fromarray(img).save(root / name)
+        entry = {"image": name, "caption": f"a {'widget' if y else 'gizmo'} with {' and '.join(mentions)}", "regions": []}
+        for phrase, mask in regions:
+            mpath = f"masks/{i:03d}_{phrase.replace(' ', '_')}.png"
+            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(root / mpath)
+            entry["regions"].append({"phrase": phrase, "mask": mpath})
+        ann.append(entry)
+        rows.append(f"{name},{y},0")
+    rows.append(f"images/000.png,0,2")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    (root / "classes.txt").write_text("gizmo\nwidget\n")
+    (root / "annotations.jsonl").write_text("\n".join(json.dumps(a) for a in ann) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def _pipeline(world: Path, run_dir: Path, **overrides) -> ProbePipeline:
+    cfg = load_config(None, {"caption": {"annotations": str(world / "annotations.jsonl")},
+                             "ground": {"annotations": str(world / "annotations.jsonl")},
+                             "holdout": {"fraction": 1.0}, **overrides})
+    return ProbePipeline(load_dataset(world), RedMeansWidget(), cfg, RunStore(run_dir), seed=0)
+
+
+def test_probe_flags_exactly_the_region_the_classifier_looks_at(world, tmp_path):
+    result = _pipeline(world, tmp_path / "run").run()
+    by_key = {(f.class_, f.phrase): f for f in result.findings}
+
+    cube = by_key[("widget", "red cube")]
+    assert cube.spurious and cube.flips == cube.occurrences == 12
+    assert cube.control_occurrences == 12 and cube.control_flips == 0 and cube.p_value < 1e-4
+    for cls in ("widget", "gizmo"):
+        disk = by_key[(cls, "blue disk")]
+        assert not disk.spurious and disk.flips == 0
+    # the label's own object is never a finding; every finding but the cube is not spurious
+    assert not any(f.phrase in ("widget", "gizmo") for f in result.findings)
+    assert [f.phrase for f in result.findings if f.spurious] == ["red cube"]
+    assert result.counts.edits == result.counts.control_edits == 36
+
+
+def test_pipeline_resumes_without_duplicating_work(world, tmp_path):
+    first = _pipeline(world, tmp_path / "run")
+    first.select_holdout()
+    first.caption()
+    first.extract_phrases()
+    first.store.close()
+
+    again = _pipeline(world, tmp_path / "run")       # a new process would open the same store
+    result = again.run()
+    store = again.store
+    edits = store.all("edit", Edit)
+    assert len(edits) == len({e.edit_id for e in edits}) == store.count("probe")
+    n_files = len(list((tmp_path / "run" / "edits").glob("*.png")))
+    again.run()                                     # a finished run re-run changes nothing
+    assert store.count("edit") == len(edits) and store.count("probe") == len(edits)
+    assert len(list((tmp_path / "run" / "edits").glob("*.png"))) == n_files
+    assert [f.phrase for f in result.findings if f.spurious] == ["red cube"]
+
+
+def test_pipeline_is_deterministic_given_a_seed(world, tmp_path):
+    a = _pipeline(world, tmp_path / "a", holdout={"fraction": 0.5}).run()
+    b = _pipeline(world, tmp_path / "b", holdout={"fraction": 0.5}).run()
+    assert [f.to_json() for f in a.findings] == [f.to_json() for f in b.findings]
+    assert RunStore(tmp_path / "a").get_meta("holdout") == RunStore(tmp_path / "b").get_meta("holdout")
+
+
+def test_hypotheses_restrict_the_edits(world, tmp_path):
+    pipe = _pipeline(world, tmp_path / "run")
+    pipe.select_holdout()
+    pipe.make_edits(only_phrases={1: {"red cube"}})
+    probes = pipe.probe()
+    assert {p.phrase for p in probes} == {"red cube"} and all(p.y == 1 for p in probes)
+    assert len(probes) == 24 and sum(p.control for p in probes) == 12
+    assert all(isinstance(p, Probe) for p in probes)
