@@ -1,0 +1,67 @@
+"""Shared by the evals: toy data, a trained ERM model per seed, mean ± std, JSON + Markdown output."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from aspire.atomic import write_json, write_text
+
+BENCHMARKS = ("toy-waterbirds", "toy-multiclass")
+DEBUG_SIZES = {"train": 40, "val": 12, "test": 12}  # images per class per split in --debug runs
+
+
+def toy_data(bench: str, seed: int, workdir: Path, debug: bool) -> Path:
+    """The benchmark for a seed, built once under workdir."""
+    from aspire.data.toy.benchmark import write_benchmark
+
+    root = workdir / f"{bench}-seed{seed}{'-debug' if debug else ''}"
+    if not (root / "metadata.csv").is_file():
+        write_benchmark(bench, root, seed=seed, sizes=DEBUG_SIZES if debug else None)
+    return root
+
+
+def erm_model(data: Path, seed: int, workdir: Path, epochs: int, arch: str = "smallcnn") -> Path:
+    """An ERM classifier for the dataset and seed, trained once and cached as a checkpoint."""
+    from aspire.data.formats import load_dataset
+    from aspire.models.classifier import build_classifier, save_checkpoint
+    from aspire.models.train import train_classifier
+
+    path = workdir / f"{data.name}-{arch}-erm-e{epochs}.pt"
+    if not path.is_file():
+        ds = load_dataset(data)
+        clf = build_classifier(arch, ds.class_names, seed=seed)
+        train_classifier(clf, ds.split("train"), ds.split("val"), epochs=epochs, batch_size=64, lr=0.05,
+                         weight_decay=5e-4, seed=seed, augment=True, progress=False)
+        save_checkpoint(clf, path)
+    return path
+
+
+def mean_std(values: Iterable[float]) -> dict[str, float]:
+    v = [float(x) for x in values if x is not None]
+    return {"mean": statistics.fmean(v) if v else float("nan"),
+            "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def fmt(ms: dict[str, float], pct: bool = True) -> str:
+    k = 100.0 if pct else 1.0
+    if ms["n"] == 0:
+        return "n/a"
+    return f"{ms['mean'] * k:.1f} ± {ms['std'] * k:.1f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: Path, name: str, results: dict, markdown: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_json(out_dir / f"{name}.json", results), write_text(out_dir / f"{name}.md", markdown)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2)
