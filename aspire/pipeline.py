@@ -149,6 +149,7 @@ class ProbePipeline:
             for start in range(0, len(pool), step):
                 chunk = pool[start:start + step]
                 preds = prober.predict([s.path for s in chunk], [s.y for s in chunk])
+                self.store.put_many("prediction", [(s.image, p) for s, p in zip(chunk, preds)])
                 kept += [s.image for s, p in zip(chunk, preds) if p.pred == s.y]
                 if len(kept) >= want:
                     break
@@ -285,7 +286,9 @@ class ProbePipeline:
         edits = [e for e in self.store.all("edit", Edit) if not self.store.has("probe", e.edit_id)]
         if edits:
             prober: Prober = self.tool("prober")
-            originals: dict[str, Prediction] = {}
+            # source images were classified when the hold-out was chosen
+            originals = {e.image: p for e in edits
+                         if (p := self.store.get("prediction", e.image, Prediction)) is not None}
             step = self.config.probe.batch_size * 4
             with self.progress("probing", len(edits)) as advance:
                 for start in range(0, len(edits), step):

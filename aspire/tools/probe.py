@@ -18,7 +18,7 @@ merged into one group named by its most frequent phrase; background phrases of o
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -27,12 +27,13 @@ from scipy.stats import fisher_exact
 from aspire.config import ProbeSettings
 from aspire.data.images import load_image
 from aspire.errors import DataError
-from aspire.schemas import Edit, Finding, Probe, Sample
+from aspire.schemas import Edit, Finding, Probe, Record, Sample
 from aspire.tools import lexicon
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(Record):
+    """The classifier's top-1 class and its probability of the true class, for one image."""
+
     pred: int
     prob_true: float
 
@@ -45,16 +46,27 @@ class Prober:
         self.settings = settings or ProbeSettings()
 
     def predict(self, paths: Sequence[str], labels: Sequence[int]) -> list[Prediction]:
-        """Top-1 prediction and true-class probability for images on disk."""
+        """Top-1 prediction and true-class probability for images on disk.
+
+        Images are read one batch ahead on a worker thread, so decoding overlaps the classifier."""
         if len(paths) != len(labels):
             raise ValueError("paths and labels differ in length")
         n_classes = len(self.classifier.class_names)
         bad = [y for y in labels if not 0 <= y < n_classes]
         if bad:
             raise DataError(f"label {bad[0]} out of range for a classifier of {n_classes} classes")
-        probs = self.classifier.predict_proba([load_image(p) for p in paths], batch_size=self.settings.batch_size)
-        # probs: (N, C)
-        return [Prediction(int(p.argmax()), float(p[y])) for p, y in zip(probs, labels)]
+        size = self.settings.batch_size
+        batches = [list(paths[i:i + size]) for i in range(0, len(paths), size)]
+        out: list[Prediction] = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(_load_all, batches[0]) if batches else None
+            for i in range(len(batches)):
+                images = pending.result()
+                pending = pool.submit(_load_all, batches[i + 1]) if i + 1 < len(batches) else None
+                probs = self.classifier.predict_proba(images, batch_size=size)  # (B, C)
+                ys = labels[i * size:i * size + len(images)]
+                out += [Prediction(pred=int(p.argmax()), prob_true=float(p[y])) for p, y in zip(probs, ys)]
+        return out
 
     def probe(self, edits: Sequence[Edit], samples: dict[str, Sample],
               originals: dict[str, Prediction] | None = None) -> list[Probe]:
@@ -76,6 +88,10 @@ class Prober:
                              prob_true_original=before.prob_true, prob_true_edited=after.prob_true,
                              flipped=after.pred != y))
         return out
+
+
+def _load_all(paths: Sequence[str]) -> list:
+    return [load_image(p) for p in paths]
 
 
 def merge_phrase_groups(phrases: Iterable[str], similarity: float = 0.7, *, by_scene: bool = False) -> dict[str, str]:
