@@ -106,7 +106,8 @@ class RunStore:
 
     def events(self, kind: Optional[str] = None) -> list[dict]:
         sql = "SELECT time, kind, json FROM events" + (" WHERE kind = ?" if kind else "") + " ORDER BY id"
-        return [{"time": t, "kind": k, **json.loads(j)} for t, k, j in self._conn.execute(sql, (kind,) if kind else ())]
+        # the event's kind is under "event": a payload may have a "kind" of its own
+        return [{**json.loads(j), "time": t, "event": k} for t, k, j in self._conn.execute(sql, (kind,) if kind else ())]
 
     def close(self) -> None:
         self._conn.close()

@@ -31,5 +31,7 @@ def test_replace_all_meta_and_events(tmp_path):
     assert store.get_meta("config") == {"seed": 3} and store.get_meta("none", 7) == 7
     store.log_event("hypothesis", {"phrase": "boat"})
     store.log_event("outcome", {"phrase": "boat", "spurious": True})
-    assert [e["kind"] for e in store.events()] == ["hypothesis", "outcome"]
+    store.log_event("hypothesis", {"phrase": "sea", "kind": "background"})
+    assert [e["event"] for e in store.events()] == ["hypothesis", "outcome", "hypothesis"]
+    assert store.events()[2]["kind"] == "background"
     assert store.events("outcome")[0]["spurious"] is True
