@@ -105,11 +105,11 @@ def test_missing_metadata_column_exits_1(trained, tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_method_not_implemented_and_usage_errors(trained, tmp_path, monkeypatch, capsys):
-    data, _, _ = trained
+def test_method_errors_and_usage_errors(trained, tmp_path, monkeypatch, capsys):
+    data, model, _ = trained
     code, _, err = run_main(monkeypatch, capsys, "train", "--data", str(data), "--arch", "smallcnn",
-                            "--out", str(tmp_path / "m.pt"), "--method", "groupdro")
-    assert code == 1 and "not implemented yet" in err and err.strip().count("\n") == 0
+                            "--out", str(tmp_path / "m.pt"), "--method", "groupdro", "--init", str(model))
+    assert code == 1 and "--init is for --method dfr" in err and err.strip().count("\n") == 0
     code, _, err = run_main(monkeypatch, capsys, "train", "--data", str(data), "--arch", "smallcnn",
                             "--out", str(tmp_path / "m.pt"), "--method", "magic")
     assert code == 1 and "unknown --method 'magic'" in err

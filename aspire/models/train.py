@@ -153,10 +153,13 @@ def train_classifier(
     method: str = "erm",
     loss_fn: Optional[LossFn] = None,
     select_by: Literal["average", "worst_group"] = "average",
+    sample_weights: Optional[Sequence[float]] = None,
 ) -> dict[str, Any]:
     """Train `clf` in place and keep the weights of the best validation epoch (by validation average
     accuracy, or worst-group accuracy with `select_by="worst_group"`; the last epoch when there is no
-    validation split). Returns the training record, also stored in `clf.train_info`."""
+    validation split). `sample_weights` (one per training sample) draws each epoch's len(train_samples)
+    samples with replacement in proportion to them (GroupDRO's group-balanced sampling) instead of
+    shuffling. Returns the training record, also stored in `clf.train_info`."""
     # 1. check inputs
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch size must be >= 1 (got epochs={epochs}, batch_size={batch_size})")
@@ -172,6 +175,10 @@ def train_classifier(
         if not 0 <= s.y < clf.num_classes:
             raise DataError(f"{s.path}: label {s.y} out of range: the classifier has {clf.num_classes} classes "
                             f"({', '.join(clf.class_names)})")
+    if sample_weights is not None and (len(sample_weights) != len(train_samples) or min(sample_weights) < 0
+                                       or sum(sample_weights) <= 0):
+        raise ConfigError(f"need one non-negative sample weight per training sample, not all zero "
+                          f"(got {len(sample_weights)} weights for {len(train_samples)} samples)")
     if select_by == "worst_group" and (not val_samples or any(s.attr is None for s in val_samples)):
         raise DataError("selection by worst-group accuracy needs a validation split with an attribute for every sample")
 
@@ -189,8 +196,11 @@ def train_classifier(
         train_set = ResizedImages(train_samples, size, cache=cache, progress=bar, label="training images")
         val_set = ResizedImages(val_samples, size, cache=cache, progress=bar, label="validation images")
         workers = 0 if cache or dev.type == "cpu" else min(8, os.cpu_count() or 1)
-        train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=loader_gen,
-                                  num_workers=workers, drop_last=len(train_set) % batch_size == 1 and len(train_set) > 1)
+        sampler = None if sample_weights is None else torch.utils.data.WeightedRandomSampler(
+            torch.as_tensor(sample_weights, dtype=torch.double), len(train_set), replacement=True, generator=loader_gen)
+        train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                                  generator=loader_gen if sampler is None else None, num_workers=workers,
+                                  drop_last=len(train_set) % batch_size == 1 and len(train_set) > 1)
         val_loader = DataLoader(val_set, batch_size=max(batch_size, 128), shuffle=False, num_workers=workers)
         val_y, val_attr = val_set.y.numpy(), val_set.attr.numpy()
 
@@ -245,7 +255,8 @@ def train_classifier(
     chosen = history[best[1] - 1]
     info = {"method": method, "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "weight_decay": weight_decay, "momentum": momentum, "schedule": schedule, "augment": augment,
-            "select_by": select_by if val_samples else "last_epoch", "n_train": len(train_samples),
+            "select_by": select_by if val_samples else "last_epoch", "weighted_sampling": sample_weights is not None,
+            "n_train": len(train_samples),
             "n_val": len(val_samples), "device": str(dev), "cached": cache, "best_epoch": best[1],
             "best_val_average_accuracy": chosen["val_average_accuracy"],
             "best_val_worst_group_accuracy": chosen["val_worst_group_accuracy"],

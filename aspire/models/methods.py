@@ -1,0 +1,536 @@
+"""Retraining methods (DESIGN §2 step 6): ERM, GroupDRO, JTT, DFR and SUBG, each with an optional augmented set.
+
+One entry point, `train_with_method`; every method ends in an ordinary `Classifier` whose `train_info` records
+the method, its settings and the augmentation (dir, images available, images added, ratio).
+
+Methods and settings (defaults here; the papers' Waterbirds values in brackets):
+- erm       cross-entropy on the training split (+ augmented images); selection by validation average
+            accuracy, no group labels.
+- groupdro  Sagawa et al. 2020, online GroupDRO: per batch, the mean loss of each group g; weights
+            q_g <- q_g * exp(eta * (loss_g + C / sqrt(n_g))), renormalised; the loss is sum_g q_g loss_g.
+            eta 0.01 [0.01], C (`adjustment`) 0 [0; 1-4 in their generalisation study]; group-balanced
+            sampling of the batches, as the authors' released commands do (`--reweight_groups`). Needs
+            group labels on train and val; selection by validation worst-group accuracy.
+            Synthetic images (no attribute) form one extra group per class, (y, synthetic): their loss is
+            tracked and up-weighted like any group's, and the real groups' losses stay real-image losses
+            (folding them into a "minority" group would assume which attribute value they lack).
+- jtt       Liu et al. 2021: stage 1 trains ERM for T epochs at a constant learning rate (the released code
+            has no schedule) and keeps the last epoch; the error set is the training images it gets
+            wrong (predicted without crop/flip); stage 2 trains a new model from the same initialisation
+            on the training set with every error-set image appearing lambda times (the paper's objective
+            lambda * sum_error + sum_rest; the released code appends lambda extra copies, lambda + 1 in
+            all). T 2, lambda 20 for CPU toy runs (smallcnn learns the majority rule within ~2 epochs);
+            [Waterbirds T 60, lambda 100; CelebA T 1, lambda 50]. Group labels only for selection on
+            validation (worst-group). Synthetic images join the training set in both stages (and the
+            error set when stage 1 gets them wrong).
+- dfr       Kirichenko et al. 2023, DFR on validation: the feature extractor of an ERM model is frozen
+            (`--init MODEL.pt`, else ERM is trained first on the real training split, the model being
+            repaired); features are standardised; an L1 logistic regression (liblinear) is fit on a
+            group-balanced subset of the validation split. Grid: C in {1, 0.7, 0.3, 0.1, 0.07, 0.03,
+            0.01} x class weights {1:1} and, per class in turn, that class weighted 2, 3, 10 or 100 (binary:
+            {0:1,1:w} and {0:w,1:1}, the DFR code's form; K classes: 1 + 4K options, one-vs-rest fits).
+            Tuning: validation is split in half within each group (the DFR code splits at random); fit on
+            the balanced first half, score worst-group accuracy on the second; ties keep the earlier
+            config. Refit: `refits` (10) [20] group-balanced subsamples of all of validation with the chosen
+            config, coefficients averaged. The standardisation is folded into the weights, written into
+            `clf.head` (binary: logits [-z/2, z/2], softmax = the logistic model), so the result is an
+            ordinary checkpoint. Augmented images' features join every last-layer training set (ASPIRE's
+            "group-balanced subset + augmented features"), never the tuning score.
+- subg      Idrissi et al. 2022: every (class, attribute) group of the training split subsampled at random
+            to the smallest group's size, then ERM; selection by validation worst-group accuracy.
+            Synthetic images are added after the subsampling.
+
+The augmented set (`aspire train --augment AUGDIR --augment-ratio R`) is mixed in with
+`aspire.data.augmented.mix_in(samples, augmented, ratio, seed)`: ratio None (default) adds every generated
+image, as the paper does; R adds min(all, round(R x n)) of them drawn by the seed, n the size of the set
+they join: the training split (erm, groupdro, jtt), the group-balanced subsample (subg), or the
+group-balanced validation subset whose features train DFR's last layer.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from aspire.data.formats import Dataset
+from aspire.errors import ConfigError, DataError
+from aspire.models.classifier import Classifier
+from aspire.models.metrics import group_key
+from aspire.models.train import ResizedImages, predict_loader, should_cache, train_classifier
+from aspire.schemas import Sample
+
+METHODS = ("erm", "groupdro", "jtt", "dfr", "subg")
+GROUP_METHODS = ("groupdro", "jtt", "dfr", "subg")  # need (class, attribute) groups
+DFR_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+DFR_CLASS_WEIGHTS = (1.0, 2.0, 3.0, 10.0, 100.0)
+METHOD_HELP = {
+    "erm": "cross-entropy on train (+ augmented); selection by validation average accuracy",
+    "groupdro": "online GroupDRO (eta 0.01, group-balanced batches); synthetic images: a group per class",
+    "jtt": "JTT: ERM for T epochs, then retrain with its training errors upsampled lambda times",
+    "dfr": "DFR: retrain the last layer (L1 logistic, C x class-weight grid) on group-balanced validation",
+    "subg": "SUBG: subsample every group to the smallest group's size, then ERM",
+}
+
+
+# ---------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class OptimSettings:
+    """How the network is optimised (every method that trains one)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int = 0
+    crop_flip: bool = True
+    device: Optional[str] = None
+    progress: bool = True
+    schedule: str = "cosine"
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The methods' own settings; see the module docstring for the papers' values."""
+
+    groupdro_eta: float = 0.01
+    groupdro_adjustment: float = 0.0
+    groupdro_balanced: bool = True
+    jtt_epochs: int = 2
+    jtt_upweight: int = 20
+    dfr_c_grid: tuple[float, ...] = DFR_C_GRID
+    dfr_class_weights: tuple[float, ...] = DFR_CLASS_WEIGHTS
+    dfr_refits: int = 10
+
+    def __post_init__(self) -> None:
+        if self.groupdro_eta <= 0 or self.groupdro_adjustment < 0:
+            raise ConfigError(f"GroupDRO needs eta > 0 and adjustment >= 0 (got {self.groupdro_eta}, "
+                              f"{self.groupdro_adjustment})")
+        if self.jtt_epochs < 1 or self.jtt_upweight < 1:
+            raise ConfigError(f"JTT needs T >= 1 epochs and lambda >= 1 (got {self.jtt_epochs}, {self.jtt_upweight})")
+        if not self.dfr_c_grid or any(c <= 0 for c in self.dfr_c_grid) or self.dfr_refits < 1 or \
+                not self.dfr_class_weights or any(w <= 0 for w in self.dfr_class_weights):
+            raise ConfigError("DFR needs positive C values and class weights and at least 1 refit")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Generated training images (synthetic=True, split train, attr None) and how many of them to add."""
+
+    augdir: str
+    samples: list[Sample] = field(default_factory=list)
+    ratio: Optional[float] = None
+
+
+# ---------------------------------------------------------------- groups
+def group_table(samples: Sequence[Sample], class_names: Sequence[str],
+                attr_name: Optional[str]) -> tuple[list[int], list[str]]:
+    """The group index of each sample and the group names. Real groups are (y, attr), sorted; a synthetic
+    sample without an attribute goes to its class's synthetic group (y, synthetic), numbered after them."""
+    real = sorted({(s.y, s.attr) for s in samples if s.attr is not None})
+    synthetic = sorted({s.y for s in samples if s.attr is None and s.synthetic})
+    missing = [s for s in samples if s.attr is None and not s.synthetic]
+    if missing:
+        raise DataError(f"{missing[0].path}: no group attribute ({attr_name or 'none'}): groups need one per real image")
+    index = {g: i for i, g in enumerate(real)}
+    index.update({(y, None): len(real) + i for i, y in enumerate(synthetic)})
+    names = [group_key(g, class_names, attr_name) for g in real] + \
+            [f"{group_key((y, None), class_names)},synthetic" for y in synthetic]
+    return [index[(s.y, s.attr)] for s in samples], names
+
+
+def require_groups(method: str, dataset: Dataset) -> None:
+    """A one-line error when a group method runs on a dataset without group labels."""
+    if not dataset.has_groups:
+        what = f"attribute column {dataset.attr_name!r}" if dataset.attr_name else "a group attribute"
+        raise DataError(f"--method {method} needs group labels, and {dataset.source} has no {what} for every "
+                        f"image; pass --attr COLUMN or use --method erm")
+
+
+# ---------------------------------------------------------------- GroupDRO
+class GroupDROLoss:
+    """Online GroupDRO (Sagawa et al. 2020, Algorithm 1): a `loss_fn` for train_classifier.
+
+    `group_of[i]` is the group of training sample i; `group_counts` the training samples per group (for the
+    adjustment C / sqrt(n_g)). `q` holds the current group weights (sums to 1)."""
+
+    def __init__(self, group_of: Sequence[int], group_counts: Sequence[int], *, eta: float = 0.01,
+                 adjustment: float = 0.0):
+        self.group_of = torch.as_tensor(list(group_of), dtype=torch.long)  # (N,)
+        counts = torch.as_tensor(list(group_counts), dtype=torch.float)   # (G,)
+        if len(counts) == 0 or (counts <= 0).any():
+            raise ConfigError(f"GroupDRO needs a positive count for every group, got {counts.tolist()}")
+        self.n_groups, self.eta = len(counts), float(eta)
+        self.adjust = float(adjustment) / counts.sqrt()                    # (G,)
+        self.q = torch.full((self.n_groups,), 1.0 / self.n_groups)         # (G,)
+
+    def group_losses(self, per_sample: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """(B,) losses, (B,) group ids -> (G,) mean loss per group; 0 for a group absent from the batch."""
+        one_hot = F.one_hot(groups, self.n_groups).to(per_sample.dtype)   # (B, G)
+        counts = one_hot.sum(0)                                            # (G,)
+        return (one_hot * per_sample[:, None]).sum(0) / counts.clamp(min=1)
+
+    @torch.no_grad()
+    def update(self, group_loss: torch.Tensor) -> torch.Tensor:
+        """q <- q * exp(eta * (loss_g + C / sqrt(n_g))), renormalised; returns the new q."""
+        q = self.q.to(group_loss.device) * torch.exp(self.eta * (group_loss.detach() + self.adjust.to(group_loss.device)))
+        self.q = q / q.sum()
+        return self.q
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, attr: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        per_sample = F.cross_entropy(logits, y, reduction="none")          # (B,)
+        group_loss = self.group_losses(per_sample, self.group_of.to(index.device)[index])  # (G,)
+        q = self.update(group_loss)
+        return group_loss @ q
+
+
+# ---------------------------------------------------------------- JTT and SUBG sample lists
+def jtt_upsample(n: int, errors: Sequence[int], upweight: int) -> list[int]:
+    """Indices of the stage-2 training set: every sample once, each error-set sample `upweight` times in all."""
+    if upweight < 1:
+        raise ConfigError(f"JTT upweight lambda must be >= 1, got {upweight}")
+    bad = [i for i in errors if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"error-set index {bad[0]} out of range for {n} samples")
+    return list(range(n)) + sorted(errors) * (upweight - 1)
+
+
+def subsample_groups(samples: Sequence[Sample], seed: int) -> list[Sample]:
+    """SUBG: every (y, attr) group cut to the smallest group's size, at random without replacement; the
+    kept samples stay in their original order."""
+    by_group: dict[tuple[int, Optional[int]], list[int]] = {}
+    for i, s in enumerate(samples):
+        if s.attr is None:
+            raise DataError(f"{s.path}: no group attribute: SUBG needs one for every training image")
+        by_group.setdefault((s.y, s.attr), []).append(i)
+    if not by_group:
+        raise DataError("no training samples to subsample")
+    smallest = min(len(v) for v in by_group.values())
+    rng = np.random.default_rng(seed)
+    keep = sorted(int(i) for g in sorted(by_group) for i in rng.choice(by_group[g], smallest, replace=False))
+    return [samples[i] for i in keep]
+
+
+# ---------------------------------------------------------------- DFR: the last layer
+@dataclass
+class LastLayerFit:
+    """A DFR last layer on raw features (standardisation folded in): logits = features @ weight.T + bias."""
+
+    weight: np.ndarray  # (K, D)
+    bias: np.ndarray    # (K,)
+    c: float
+    class_weight: tuple[float, ...]
+    tune_worst_group_accuracy: float
+    grid: list[dict[str, Any]]
+    n_train_per_refit: int
+    n_extra: int
+    refits: int
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return (x @ self.weight.T + self.bias).argmax(1)
+
+    def summary(self) -> dict[str, Any]:
+        return {"c": self.c, "class_weight": list(self.class_weight),
+                "tune_worst_group_accuracy": self.tune_worst_group_accuracy, "refits": self.refits,
+                "n_train_per_refit": self.n_train_per_refit, "n_extra": self.n_extra,
+                "nonzero_features": int((np.abs(self.weight) > 0).any(0).sum()), "grid": self.grid}
+
+
+def class_weight_grid(num_classes: int, weights: Sequence[float] = DFR_CLASS_WEIGHTS) -> list[tuple[float, ...]]:
+    """Uniform weights, then each class in turn weighted w (others 1) for every w != 1 (binary: DFR's grid)."""
+    grid = [tuple([1.0] * num_classes)]
+    for c in reversed(range(num_classes)):  # binary: {0:1,1:w} first, as in the DFR code
+        for w in weights:
+            if float(w) != 1.0:
+                grid.append(tuple(float(w) if k == c else 1.0 for k in range(num_classes)))
+    return grid
+
+
+def _logreg(c: float):
+    """L1 logistic regression with liblinear (sklearn >= 1.8 spells the L1 penalty l1_ratio=1)."""
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    major, minor = (int(v) for v in sklearn.__version__.split(".")[:2])
+    if (major, minor) >= (1, 8):
+        return LogisticRegression(C=c, l1_ratio=1.0, solver="liblinear")
+    return LogisticRegression(C=c, penalty="l1", solver="liblinear")
+
+
+def _fit_logreg(x: np.ndarray, y: np.ndarray, c: float, class_weight: Sequence[float],
+                num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coef (K, D), intercept (K,)) of an L1 logistic regression; K = 1 for two classes (logit of class 1),
+    else one-vs-rest. Class weights enter as sample weights."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    sw = np.asarray(class_weight, dtype=np.float64)[y]
+    targets = [y] if num_classes == 2 else [(y == k).astype(np.int64) for k in range(num_classes)]
+    coefs, intercepts = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for t in targets:
+            m = _logreg(c).fit(x, t, sample_weight=sw)
+            coefs.append(m.coef_[0])
+            intercepts.append(m.intercept_[0])
+    return np.stack(coefs), np.asarray(intercepts)
+
+
+def _predict(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray) -> np.ndarray:
+    scores = x @ coef.T + intercept  # (N, K)
+    return (scores[:, 0] > 0).astype(np.int64) if coef.shape[0] == 1 else scores.argmax(1)
+
+
+def _balanced(by_group: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Indices of a group-balanced subset: each group cut at random to the smallest group's size."""
+    smallest = min(len(g) for g in by_group)
+    return np.concatenate([rng.choice(g, smallest, replace=False) for g in by_group])
+
+
+def _standardise(fit_on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = fit_on.mean(0), fit_on.std(0)
+    return mean, np.where(std > 0, std, 1.0)  # zero-variance features stay as they are (sklearn's rule)
+
+
+def fit_last_layer(x_val: np.ndarray, y_val: Sequence[int], g_val: Sequence[int], *, num_classes: int,
+                   x_extra: Optional[np.ndarray] = None, y_extra: Optional[Sequence[int]] = None,
+                   c_grid: Sequence[float] = DFR_C_GRID, class_weights: Sequence[float] = DFR_CLASS_WEIGHTS,
+                   refits: int = 10, seed: int = 0) -> LastLayerFit:
+    """DFR's last layer: tune (C, class weight) by worst-group accuracy, then refit and average.
+
+    x_val (N, D) features of the held-out (validation) set with labels y_val and group ids g_val;
+    x_extra (M, D), y_extra: features that join every training set (augmented images) but never the score."""
+    # 1. check inputs
+    x_val, y_val, g_val = np.asarray(x_val, np.float64), np.asarray(y_val, np.int64), np.asarray(g_val, np.int64)
+    if x_val.ndim != 2 or len(x_val) != len(y_val) or len(y_val) != len(g_val):
+        raise ValueError(f"x_val {x_val.shape}, y_val ({len(y_val)},) and g_val ({len(g_val)},) disagree")
+    x_extra = np.zeros((0, x_val.shape[1])) if x_extra is None else np.asarray(x_extra, np.float64)
+    y_extra = np.zeros(0, np.int64) if y_extra is None else np.asarray(y_extra, np.int64)
+    if x_extra.shape[1:] != x_val.shape[1:] or len(x_extra) != len(y_extra):
+        raise ValueError(f"x_extra {x_extra.shape} and y_extra ({len(y_extra)},) do not match x_val {x_val.shape}")
+    absent = sorted(set(range(num_classes)) - set(y_val.tolist()))
+    if absent:
+        raise DataError(f"DFR: class {absent[0]} has no validation images to fit the last layer on")
+    by_group = [np.flatnonzero(g_val == g) for g in np.unique(g_val)]
+    if min(len(g) for g in by_group) < 2:
+        raise DataError("DFR: every validation group needs at least 2 images (one to fit on, one to tune on)")
+    rng = np.random.default_rng(seed)
+
+    # 2. tune: fit on a balanced subset of one half of each group, score worst-group accuracy on the other
+    halves = [rng.permutation(g) for g in by_group]
+    fit_groups, score_groups = [h[len(h) // 2:] for h in halves], [h[:len(h) // 2] for h in halves]
+    fit_idx, score_idx = _balanced(fit_groups, rng), np.concatenate(score_groups)
+    x_fit = np.concatenate([x_val[fit_idx], x_extra])
+    y_fit = np.concatenate([y_val[fit_idx], y_extra])
+    mean, std = _standardise(x_fit)
+    x_fit, x_score = (x_fit - mean) / std, (x_val[score_idx] - mean) / std
+    grid, best = [], None
+    for c in c_grid:
+        for cw in class_weight_grid(num_classes, class_weights):
+            coef, intercept = _fit_logreg(x_fit, y_fit, float(c), cw, num_classes)
+            correct = _predict(coef, intercept, x_score) == y_val[score_idx]
+            worst = min(float(correct[g_val[score_idx] == g].mean()) for g in np.unique(g_val[score_idx]))
+            grid.append({"c": float(c), "class_weight": list(cw), "worst_group_accuracy": worst})
+            if best is None or worst > best[0]:
+                best = (worst, float(c), cw)
+    assert best is not None
+    tuned, c_best, cw_best = best
+
+    # 3. refit on group-balanced subsamples of all of validation (+ extra), average the coefficients
+    pool = np.concatenate([x_val, x_extra])
+    mean, std = _standardise(pool)
+    coefs, intercepts = [], []
+    for _ in range(refits):
+        idx = _balanced(by_group, rng)
+        x_fit = (np.concatenate([x_val[idx], x_extra]) - mean) / std
+        coef, intercept = _fit_logreg(x_fit, np.concatenate([y_val[idx], y_extra]), c_best, cw_best, num_classes)
+        coefs.append(coef)
+        intercepts.append(intercept)
+    coef, intercept = np.mean(coefs, 0), np.mean(intercepts, 0)  # (K', D), (K',)
+
+    # 4. fold the standardisation in: (x - mean) / std @ w + b = x @ (w / std) + (b - (mean / std) @ w)
+    weight, bias = coef / std, intercept - coef @ (mean / std)
+    if num_classes == 2:  # logit z of class 1 -> logits (-z/2, z/2): softmax gives sigmoid(z) for class 1
+        weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
+    return LastLayerFit(weight=weight, bias=bias, c=c_best, class_weight=tuple(cw_best),
+                        tune_worst_group_accuracy=tuned, grid=grid,
+                        n_train_per_refit=len(by_group) * min(len(g) for g in by_group) + len(x_extra),
+                        n_extra=len(x_extra), refits=refits)
+
+
+@torch.no_grad()
+def extract_features(clf: Classifier, samples: Sequence[Sample], *, batch_size: int = 128,
+                     device: Optional[str] = None) -> np.ndarray:
+    """Backbone features (N, D) float32 of samples (resized, normalised, no crop/flip), in order."""
+    from aspire.devices import pick_device
+
+    clf.to(pick_device(device)).eval()
+    data = ResizedImages(samples, clf.input_size, cache=should_cache(len(samples), clf.input_size))
+    chunks = [clf.features(clf.normalize(x)).float().cpu() for x, _, _, _ in DataLoader(data, batch_size=batch_size)]
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, clf.feature_dim), np.float32)
+
+
+def write_head(clf: Classifier, fit: LastLayerFit) -> None:
+    """Replace clf.head's weights with the fitted last layer."""
+    if fit.weight.shape != tuple(clf.head.weight.shape):
+        raise ValueError(f"last layer {fit.weight.shape} does not fit the head {tuple(clf.head.weight.shape)}")
+    with torch.no_grad():
+        clf.head.weight.copy_(torch.as_tensor(fit.weight, dtype=clf.head.weight.dtype))
+        clf.head.bias.copy_(torch.as_tensor(fit.bias, dtype=clf.head.bias.dtype))
+
+
+# ---------------------------------------------------------------- the methods
+def _mix(samples: list[Sample], augmentation: Optional[Augmentation], seed: int) -> tuple[list[Sample], dict[str, Any]]:
+    """samples + the augmented images (as mix_in picks them), and the record of what was added."""
+    if augmentation is None:
+        return samples, {}
+    from aspire.data.augmented import mix_in
+
+    mixed = list(mix_in(samples, augmentation.samples, augmentation.ratio, seed))
+    return mixed, {"augmentation": {"dir": augmentation.augdir, "n_available": len(augmentation.samples),
+                                    "n_added": len(mixed) - len(samples), "ratio": augmentation.ratio}}
+
+
+def _train(clf: Classifier, train: list[Sample], val: list[Sample], optim: OptimSettings, method: str, **kw) -> dict:
+    return train_classifier(clf, train, val, epochs=kw.pop("epochs", optim.epochs), batch_size=optim.batch_size,
+                            lr=optim.lr, weight_decay=optim.weight_decay, seed=optim.seed, augment=optim.crop_flip,
+                            device=optim.device, progress=optim.progress,
+                            schedule=kw.pop("schedule", optim.schedule), method=method, **kw)
+
+
+def train_with_method(method: str, dataset: Dataset, build: Callable[[], Classifier], optim: OptimSettings,
+                      settings: MethodSettings = MethodSettings(), *, augmentation: Optional[Augmentation] = None,
+                      init: Optional[Classifier] = None) -> Classifier:
+    """Train with `method` on dataset's train split (+ augmentation), selecting on its val split; returns the
+    trained classifier (train_info records everything). `build` makes a fresh classifier (JTT's two stages,
+    DFR without `init`); `init` is DFR's existing model."""
+    # 1. check inputs
+    method = method.lower()
+    if method not in METHODS:
+        raise ConfigError(f"unknown --method {method!r}: expected one of {', '.join(METHODS)}")
+    if init is not None and method != "dfr":
+        raise ConfigError(f"--init is for --method dfr (a last layer retrained on a frozen model), not {method}")
+    if method in GROUP_METHODS:
+        require_groups(method, dataset)
+    train, val = dataset.split("train"), dataset.split("val", allow_empty=True)
+    if method in GROUP_METHODS and not val:
+        raise DataError(f"--method {method} needs a validation split with group labels ({dataset.source} has none)")
+    started = time.time()
+    # 2. run the method
+    if method == "erm":
+        clf = _erm(train, val, build, optim, augmentation)
+    elif method == "groupdro":
+        clf = _groupdro(dataset, train, val, build, optim, settings, augmentation)
+    elif method == "jtt":
+        clf = _jtt(dataset, train, val, build, optim, settings, augmentation)
+    elif method == "subg":
+        clf = _subg(train, val, build, optim, augmentation)
+    else:
+        clf = _dfr(dataset, val, build, optim, settings, augmentation, init)
+    clf.train_info["method"] = method
+    clf.train_info["total_seconds"] = round(time.time() - started, 3)
+    return clf
+
+
+def _erm(train, val, build, optim, augmentation) -> Classifier:
+    samples, aug_info = _mix(train, augmentation, optim.seed)
+    clf = build()
+    _train(clf, samples, val, optim, "erm")
+    clf.train_info.update(aug_info)
+    return clf
+
+
+def _groupdro(dataset, train, val, build, optim, settings, augmentation) -> Classifier:
+    samples, aug_info = _mix(train, augmentation, optim.seed)
+    group_of, names = group_table(samples, dataset.class_names, dataset.attr_name)
+    counts = np.bincount(group_of, minlength=len(names))
+    loss = GroupDROLoss(group_of, counts.tolist(), eta=settings.groupdro_eta, adjustment=settings.groupdro_adjustment)
+    weights = (1.0 / counts[group_of]).tolist() if settings.groupdro_balanced else None
+    clf = build()
+    _train(clf, samples, val, optim, "groupdro", loss_fn=loss, select_by="worst_group", sample_weights=weights)
+    clf.train_info.update(aug_info)
+    clf.train_info["groupdro"] = {"eta": settings.groupdro_eta, "adjustment": settings.groupdro_adjustment,
+                                  "group_balanced_sampling": settings.groupdro_balanced,
+                                  "groups": {n: {"n": int(c), "final_weight": float(q)}
+                                             for n, c, q in zip(names, counts, loss.q.cpu().tolist())}}
+    return clf
+
+
+def _jtt(dataset, train, val, build, optim, settings, augmentation) -> Classifier:
+    # 1. stage 1: ERM for T epochs at a constant learning rate, the last epoch kept (no validation)
+    samples, aug_info = _mix(train, augmentation, optim.seed)
+    stage1 = build()
+    first = _train(stage1, samples, [], optim, "jtt-stage1", epochs=settings.jtt_epochs, schedule="constant")
+    # 2. the error set: training images stage 1 gets wrong, predicted without crop/flip
+    data = ResizedImages(samples, stage1.input_size, cache=should_cache(len(samples), stage1.input_size))
+    pred = predict_loader(stage1, DataLoader(data, batch_size=max(optim.batch_size, 128)))
+    errors = [i for i, (s, p) in enumerate(zip(samples, pred.tolist())) if s.y != p]
+    del stage1, data
+    # 3. stage 2: a new model on the upsampled set, selected by validation worst-group accuracy
+    upsampled = [samples[i] for i in jtt_upsample(len(samples), errors, settings.jtt_upweight)]
+    clf = build()
+    _train(clf, upsampled, val, optim, "jtt", select_by="worst_group")
+    group_of, names = group_table(samples, dataset.class_names, dataset.attr_name)
+    clf.train_info.update(aug_info)
+    clf.train_info["jtt"] = {"stage1_epochs": settings.jtt_epochs, "upweight": settings.jtt_upweight,
+                             "n_errors": len(errors), "stage1_seconds": first["seconds"],
+                             "errors_per_group": {names[g]: n for g, n in sorted(Counter(group_of[i] for i in errors).items())},
+                             "n_per_group": {names[g]: n for g, n in sorted(Counter(group_of).items())}}
+    return clf
+
+
+def _subg(train, val, build, optim, augmentation) -> Classifier:
+    real = [s for s in train if s.attr is not None]
+    subsample = subsample_groups(real, optim.seed)
+    samples, aug_info = _mix(subsample, augmentation, optim.seed)
+    clf = build()
+    _train(clf, samples, val, optim, "subg", select_by="worst_group")
+    clf.train_info.update(aug_info)
+    clf.train_info["subg"] = {"n_before": len(real), "n_subsample": len(subsample),
+                              "group_size": len(subsample) // max(1, len({(s.y, s.attr) for s in subsample}))}
+    return clf
+
+
+def _dfr(dataset, val, build, optim, settings, augmentation, init) -> Classifier:
+    # 1. the frozen model: --init, else ERM on the real training split
+    if init is None:
+        clf = build()
+        _train(clf, dataset.split("train"), val, optim, "erm")
+    else:
+        clf = init
+        if clf.num_classes != dataset.num_classes:
+            raise ConfigError(f"--init model has {clf.num_classes} classes ({', '.join(clf.class_names)}), the "
+                              f"dataset {dataset.num_classes} ({', '.join(dataset.class_names)})")
+    base_info = dict(clf.train_info)
+    started = time.time()
+    # 2. features of validation (+ the augmented images, as mix_in picks them for the balanced set size)
+    x_val = extract_features(clf, val, device=optim.device)  # (N, D)
+    g_val, names = group_table(val, dataset.class_names, dataset.attr_name)
+    x_extra, y_extra, aug_info = None, None, {}
+    if augmentation is not None:
+        counts = Counter(g_val)
+        balanced = [s for g in sorted(counts) for s in [v for v, gv in zip(val, g_val) if gv == g][:min(counts.values())]]
+        mixed, aug_info = _mix(balanced, augmentation, optim.seed)
+        chosen = [s for s in mixed if s.attr is None]  # validation images all have one (require_groups)
+        x_extra, y_extra = extract_features(clf, chosen, device=optim.device), [s.y for s in chosen]
+    # 3. fit the last layer and write it into the head
+    fit = fit_last_layer(x_val, [s.y for s in val], g_val, num_classes=clf.num_classes, x_extra=x_extra,
+                         y_extra=y_extra, c_grid=settings.dfr_c_grid, class_weights=settings.dfr_class_weights,
+                         refits=settings.dfr_refits, seed=optim.seed)
+    write_head(clf, fit)
+    clf.eval()
+    clf.train_info = {"method": "dfr", "seed": optim.seed, "base": base_info, **aug_info,
+                      "dfr": {**fit.summary(), "n_val": len(val), "val_groups": names,
+                              "seconds": round(time.time() - started, 3)}}
+    return clf
+
+
+def settings_record(optim: OptimSettings, settings: MethodSettings) -> dict[str, Any]:
+    """Both settings objects as a plain dict (for a run record)."""
+    return {"optim": asdict(optim), "method": asdict(settings)}
