@@ -1,0 +1,47 @@
+"""The evals run end to end in --debug mode and write JSON + Markdown whose numbers are consistent."""
+
+import json
+
+import pytest
+
+from evals import discovery_eval, erm_eval
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("evals")
+
+
+def test_erm_eval_debug(workdir):
+    out = workdir / "results"
+    res = erm_eval.main(["--debug", "--benchmarks", "toy-waterbirds", "--workdir", str(workdir), "--out", str(out)])
+    run, = res["runs"]
+    assert 0 <= run["worst_group_accuracy"] <= run["average_accuracy"] <= 1
+    saved = json.loads((out / "erm_debug.json").read_text())
+    assert saved["summary"]["toy-waterbirds"]["average_accuracy"]["mean"] == pytest.approx(run["average_accuracy"])
+    assert "| toy-waterbirds | 1 |" in (out / "erm_debug.md").read_text()
+
+
+def test_discovery_eval_debug(workdir):
+    out = workdir / "results"
+    res = discovery_eval.main(["--debug", "--benchmarks", "toy-waterbirds", "--workdir", str(workdir),
+                               "--out", str(out)])
+    run, = res["runs"]
+    assert set(run["per_class"]) == {"landbird", "waterbird"}
+    for c in run["per_class"].values():
+        # planted elements come from ground_truth.json; scores are consistent with the sets
+        assert c["planted"] and c["vs_planted"]["relevant"] == len(c["planted"])
+        assert c["vs_planted"]["tp"] == len(set(c["flagged"]) & set(c["planted"]))
+    elements = {r["element"] for r in run["reliance"]}
+    assert {"boat", "fence", "sun", "cloud", "land", "water"} <= elements
+    assert (out / "discovery_debug.md").is_file()
+
+
+def test_element_matching():
+    elements = {"boat": {"kind": "foreground", "phrases": ["boat", "sailboat"]},
+                "water": {"kind": "background", "phrases": ["water", "lake"]}}
+    assert discovery_eval.match_element("small boats", "foreground", elements) == "boat"
+    assert discovery_eval.match_element("pond", "background", elements) == "water"
+    assert discovery_eval.match_element("tree", "foreground", elements) is None
+    assert discovery_eval.score({"boat", "?tree"}, {"boat", "water"}) == {
+        "tp": 1, "flagged": 2, "relevant": 2, "precision": 0.5, "recall": 0.5}
