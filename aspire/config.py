@@ -101,6 +101,95 @@ class ProbeSettings(Settings):
     seed: int = 0
 
 
+class AgentSettings(Settings):
+    """The investigation agent (aspire audit / chat): its LLM, its budgets, and the retraining it runs."""
+
+    offline: bool = Field(False, description="use the deterministic planner even when an LLM is configured")
+    model: str = "gpt-4o"
+    base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint; falls back to OPENAI_BASE_URL")
+    api_key: Optional[str] = Field(None, repr=False, exclude=True, description="falls back to OPENAI_API_KEY")
+    timeout_s: float = Field(60.0, gt=0, description="per LLM request")
+    max_retries: int = Field(2, ge=0, description="retries of a failed or malformed LLM answer")
+    backoff_s: float = Field(1.0, ge=0, description="wait before retry k: backoff_s * 2**(k-1)")
+    temperature: Optional[float] = Field(0.0, ge=0, description="None: the server's default")
+    structured_output: Literal["function_calling", "json_schema"] = "function_calling"
+    stream: bool = Field(True, description="chat: stream answers token by token")
+    groups_per_round: int = Field(3, ge=1, description="phrase groups probed per class and round")
+    groups_in_prompt: int = Field(15, ge=1, description="candidate phrase groups per class shown to the LLM")
+    stable_rounds: int = Field(1, ge=1, description="stop after this many rounds without a change in the spurious set")
+    max_rounds: int = Field(6, ge=1)
+    max_edits: int = Field(5000, ge=1, description="budget: edits (real and control) made in the run")
+    max_seconds: float = Field(3600.0, gt=0, description="budget: seconds spent hypothesizing and probing")
+    max_llm_calls: int = Field(30, ge=0, description="budget: LLM requests of the planner")
+    retrain_epochs: Optional[int] = Field(None, ge=1, description="None: as many as the audited model was trained for")
+    retrain_batch_size: Optional[int] = Field(None, ge=1, description="None: as the audited model was trained")
+    retrain_lr: Optional[float] = Field(None, gt=0, description="None: as the audited model was trained")
+    retrain_method: Literal["erm", "groupdro", "jtt", "dfr", "subg"] = Field(
+        "erm", description="aspire.models.methods; dfr retrains the audited model's last layer")
+    augment_ratio: Optional[float] = Field(None, gt=0, description="mix_in ratio of generated images; None: all")
+    device: Optional[str] = Field(None, description="retraining and evaluation device; default: the best available")
+
+
+class GenerateSettings(Settings):
+    """Step 5: images of a class without its spurious features (tools/generate.py)."""
+
+    backend: Literal["offline", "textual-inversion"] = Field(
+        "offline", description="offline: recombination of flipped edits; textual-inversion: Stable Diffusion")
+    # textual inversion + Stable Diffusion (the released code's choices)
+    model_id: str = "CompVis/stable-diffusion-v1-4"
+    revision: Optional[str] = Field(None, description="model revision (branch, tag or commit); None: the default")
+    initializer_token: str = Field("the", description="word whose embedding the new token starts from")
+    train_steps: int = Field(1000, ge=1)
+    learning_rate: float = Field(5e-4, gt=0, description="scaled by batch size x accumulation when scale_lr")
+    scale_lr: bool = True
+    train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    resolution_px: int = Field(512, ge=8, description="training and generation size (a multiple of 8)")
+    seeds: list[int] = Field([0, 1, 2, 3, 4, 5, 6, 7], min_length=1, description="one textual inversion per seed")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 (else fp16) on GPU, none on CPU")
+    prompt_template: str = Field("a photo of a {token}", description="generation prompt; {token} is the class's token")
+    guidance_scale: float = 7.5
+    num_inference_steps: int = Field(50, ge=1)
+    images_per_seed: int = Field(100, ge=1, description="images per (seed, class)")
+    batch_size: int = Field(8, ge=1, description="images per pipeline call (halved on out-of-memory)")
+    device: Optional[str] = None
+    # offline recombination: a flipped edit's object on backgrounds without the class's spurious features
+    images_per_class: int = Field(800, ge=1, description="offline backend: images per class (the method's 100 x 8 seeds)")
+    max_backgrounds: int = Field(64, ge=1, description="offline backend: donor backgrounds per class")
+    flip: bool = True
+    scale_range: tuple[float, float] = Field((0.85, 1.15), description="object scale, uniform in [lo, hi]")
+    translate_frac: float = Field(0.1, ge=0, le=0.5, description="object shift, up to this share of the image side")
+    color_jitter: float = Field(0.15, ge=0, le=1, description="brightness, contrast, saturation factors 1 +- this")
+
+
+class AugmentSettings(Settings):
+    """Step 5's selection, filter and commit (aspire/augment.py)."""
+
+    select: Literal["spurious", "significant", "flipping"] = Field(
+        "spurious", description="groups whose flipped edits are used: spurious findings; p_value < probe.alpha; "
+        "any group with a flip (the paper's ranking by flip rate)")
+    filter: bool = Field(False, description="drop near-duplicates and images far from the class's real images")
+    duplicate_rms: float = Field(0.02, ge=0, le=1, description="near-duplicate: RMS distance of 16x16 grey thumbnails")
+    outlier_std: float = Field(3.0, gt=0, description="far: feature distance to the class centroid > mean + k*std")
+    reference_images: int = Field(256, ge=2, description="real training images per class for the centroid")
+
+
+class BatchSettings(Settings):
+    """aspire batch: how the per-class audits are executed (aspire/batch). Not an input of the audits: a
+    batch may be resumed with other values."""
+
+    executor: Literal["local", "ray"] = Field("local", description="local: in-process or a process pool; ray: Ray tasks")
+    workers: Optional[int] = Field(None, ge=1, description="audits at a time (pool size); local default 1 (in-process), "
+                                   "ray default the cluster's CPUs / num_cpus")
+    retries: int = Field(1, ge=0, description="retries of a failed class before it is reported as failed")
+    address: Optional[str] = Field(None, description="ray: cluster address ('auto', 'ray://host:10001'); None: a local Ray")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per audit task (Ray resource; torch threads in pool and Ray workers)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per audit task (Ray resource)")
+    ray_temp_dir: Optional[str] = Field(None, description="local Ray's session folder; None: BATCH_DIR/ray when the "
+                                        "path is short enough for Ray's sockets, else a new folder under /tmp")
+
+
 class AspireConfig(Settings):
     holdout: HoldoutSettings = HoldoutSettings()
     caption: CaptionSettings = CaptionSettings()
@@ -108,6 +197,10 @@ class AspireConfig(Settings):
     ground: GroundSettings = GroundSettings()
     edit: EditSettings = EditSettings()
     probe: ProbeSettings = ProbeSettings()
+    agent: AgentSettings = AgentSettings()
+    generate: GenerateSettings = GenerateSettings()
+    augment: AugmentSettings = AugmentSettings()
+    batch: BatchSettings = BatchSettings()
 
 
 def _env_overrides(prefix: str = "ASPIRE_") -> dict[str, dict[str, str]]:

@@ -1,4 +1,4 @@
-"""Tiny random-weight Stable Diffusion inpainting and InstructPix2Pix pipelines, saved with save_pretrained.
+"""Tiny random-weight Stable Diffusion (text-to-image, inpainting, InstructPix2Pix) pipelines, saved with save_pretrained.
 
 Each builder writes a pipeline folder that `from_pretrained` (and so the Editor) loads back. A 2-block VAE
 halves the image, so 64x64 images need UNet `sample_size=32`; the inpainting UNet takes 9 input channels
@@ -92,4 +92,12 @@ def build_tiny_pix2pix(out: Path) -> Path:
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     StableDiffusionInstructPix2PixPipeline(**_components(out, 8)).save_pretrained(out)
+    return out
+
+
+def build_tiny_sd(out: Path) -> Path:
+    """StableDiffusionPipeline folder (UNet in_channels=4): textual inversion and text-to-image."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(**_components(out, 4)).save_pretrained(out)
     return out

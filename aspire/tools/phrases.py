@@ -34,8 +34,8 @@ error, timeout), are sent again, up to `max_retries` times, then recorded as fai
 3. every other chunk is a foreground phrase (adjectives kept, head noun singular: "two small boats" ->
    "small boat"), except the label's own object, body parts (head, wing, tail, ...) and image words
    ("picture", "background", ...);
-4. alt: the most frequent background of the *other* captions of the same `extract` call whose scene
-   category differs from this caption's (so "pond" is never the alternative of "lake"); ties go to the
+4. alt: a background of the most frequent *other* scene category among the other captions of the same
+   `extract` call, its most frequent phrase (so "pond" is never the alternative of "lake"); ties go to the
    first seen; when there is none, the fixed contrasting scene of the category (lexicon.SCENE_CONTRAST:
    water -> forest, forest -> lake, indoor -> grass field, ...). So alt depends on the batch, deterministically.
 Limits: it knows only the scene nouns of its lexicon (an unknown background word becomes foreground); any
@@ -371,8 +371,9 @@ def _offline_one(caption: str, terms: Sequence[str]) -> _OfflineResult:
 
 
 def _offline_alt(results: list[Optional[_OfflineResult]]) -> list[list[str]]:
-    """alt per caption: the most frequent background of the other captions of another scene category, else
-    the category's fixed contrast (module doc, step 4)."""
+    """alt per caption: the most frequent background phrase of the most frequent *other* scene category among
+    the other captions ("lake" and "pond" count together as water), else the category's fixed contrast
+    (module doc, step 4)."""
     counts: Counter[str] = Counter()
     surface: dict[str, str] = {}
     order: dict[str, int] = {}
@@ -382,16 +383,21 @@ def _offline_alt(results: list[Optional[_OfflineResult]]) -> list[list[str]]:
             counts[key] += 1
             surface.setdefault(key, r.background)
             order.setdefault(key, len(order))
+    category = {k: lexicon.scene_category(surface[k]) or k for k in counts}
+    per_category: Counter[str] = Counter()
+    for k, n in counts.items():
+        per_category[category[k]] += n
     alts: list[list[str]] = []
     for r in results:
         if r is None or not r.background:
             alts.append([])
             continue
-        own_cat = lexicon.scene_category(r.background)
+        own_cat = lexicon.scene_category(r.background) or lexicon.canonical(r.background)
         # this caption's own background has its own category, so it is never counted here
-        candidates = [k for k in counts if lexicon.scene_category(surface[k]) != own_cat]
-        if candidates:
-            best = max(candidates, key=lambda k: (counts[k], -order[k]))
+        others = [c for c in per_category if c != own_cat]
+        if others:
+            best_cat = max(others, key=lambda c: (per_category[c], -min(order[k] for k in counts if category[k] == c)))
+            best = max((k for k in counts if category[k] == best_cat), key=lambda k: (counts[k], -order[k]))
             alts.append([surface[best]])
         else:
             alts.append([lexicon.SCENE_CONTRAST.get(own_cat or "", "plain background")])
