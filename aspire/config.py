@@ -166,9 +166,10 @@ class GenerateSettings(Settings):
 class AugmentSettings(Settings):
     """Step 5's selection, filter and commit (aspire/augment.py)."""
 
-    select: Literal["spurious", "significant", "flipping"] = Field(
+    select: Literal["spurious", "significant", "flipping", "generic"] = Field(
         "spurious", description="groups whose flipped edits are used: spurious findings; p_value < probe.alpha; "
-        "any group with a flip (the paper's ranking by flip rate)")
+        "any group with a flip (the paper's ranking by flip rate); generic: no group, the baseline of generic "
+        "augmentation (the class's hold-out images on backgrounds of its own training images)")
     filter: bool = Field(False, description="drop near-duplicates and images far from the class's real images")
     duplicate_rms: float = Field(0.02, ge=0, le=1, description="near-duplicate: RMS distance of 16x16 grey thumbnails")
     outlier_std: float = Field(3.0, gt=0, description="far: feature distance to the class centroid > mean + k*std")
