@@ -314,3 +314,11 @@ def test_parse_answer_shapes():
         parse_answer(Msg(invalid_tool_calls=[{"args": '{"items": ['}]))
     with pytest.raises(ValueError, match="empty"):
         parse_answer(Msg())
+
+
+def test_generic_noun_modified_by_the_label_is_the_label():
+    from aspire.tools.phrases import is_label_phrase, label_terms
+
+    terms = label_terms("hexagon")
+    assert is_label_phrase("a hexagon shape", terms) and is_label_phrase("hexagon icons", terms)
+    assert not is_label_phrase("a red kite", terms) and not is_label_phrase("shape", terms)

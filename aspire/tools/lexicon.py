@@ -7,7 +7,8 @@ API:
     normalize(phrase) -> str          lowercase, punctuation and leading determiners removed: "A Small Boat." -> "small boat"
     lemma(word) -> str                singular of an English noun: "boats" -> "boat", "leaves" -> "leaf"
     canonical(phrase) -> str          normalize + lemma of every word + synonym groups: "the Oceans" -> "sea"
-    head(phrase) -> str               canonical head noun: "branch of a tree" -> "branch", "waterbird" -> "bird"
+    head(phrase) -> str               canonical head noun: "branch of a tree" -> "branch", "waterbird" -> "bird",
+                                      "hexagon shape" -> "hexagon" (a generic noun defers to its modifier)
     similarity(a, b) -> float         symmetric, in [0, 1]; 1 for the same canonical words
     same_phrase(a, b, threshold=0.7)  similarity(a, b) >= threshold
     scene_category(phrase) -> str|None  "water", "forest", ... for scene/background nouns, else None
@@ -116,6 +117,9 @@ SCENE_CONTRAST: dict[str, str] = {
 }
 _SCENE_OF: dict[str, str] = {noun: cat for cat, nouns in SCENES.items() for noun in nouns}
 
+# nouns that only say "a thing": in "hexagon shape" or "star icon" the modifier names the object
+GENERIC_OBJECT_NOUNS = frozenset("shape figure object thing item icon symbol silhouette outline".split())
+
 # common concrete nouns: used to split compounds ("waterbird" -> "bird") and by the offline chunker
 COMMON_NOUNS = frozenset(
     "bird dog cat horse cow sheep goat pig duck goose swan gull fish shark whale dolphin seal bear fox wolf "
@@ -211,6 +215,8 @@ def head(phrase: str) -> str:
         return ""
     if "of" in words[1:]:
         words = words[: words.index("of", 1)]
+    if len(words) > 1 and words[-1] in GENERIC_OBJECT_NOUNS:  # "hexagon shape", "star icon"
+        words = words[:-1]
     last = words[-1]
     parts = split_compound(last)
     return _SYNONYM_OF.get(parts[1], parts[1]) if parts else last

@@ -156,7 +156,8 @@ def label_terms(class_name: str, synonyms: Sequence[str] = ()) -> list[str]:
 
 
 def is_label_phrase(phrase: str, terms: Sequence[str]) -> bool:
-    """Whether `phrase` names the label's object: same canonical words or same head noun as a term."""
+    """Whether `phrase` names the label's object: same canonical words or same head noun as a term
+    ("hexagon shape" has the head "hexagon": lexicon.head)."""
     if not terms:
         return False
     canon, hd = lexicon.canonical(phrase), lexicon.head(phrase)

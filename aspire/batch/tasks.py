@@ -1,0 +1,210 @@
+"""What a batch runs in its workers (in-process, a process pool, or Ray tasks): module-level functions of
+picklable arguments that return plain dicts. An audit's ordinary failure is returned as
+{"ok": False, "error": one line, "traceback": ...}, never raised: only a crashed worker raises.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+from aspire.config import AspireConfig
+from aspire.errors import AspireError
+
+_CACHE: dict[tuple, Any] = {}   # a worker process loads the dataset and the classifier once
+
+
+@dataclass
+class Inputs:
+    """What every task of a batch works on."""
+
+    batch_dir: str
+    data: str
+    format: str
+    model: str
+    attr: Optional[str]
+    target: Optional[str]
+    seed: int
+    config: AspireConfig
+    threads: Optional[int] = None          # torch threads in a pool or Ray worker (None: torch's default)
+
+    def run_args(self, classes: list[str]) -> dict:
+        """A class run's meta "args": exactly what `aspire audit --classes ...` records."""
+        return {"data": self.data, "format": self.format, "model": self.model, "classes": classes,
+                "seed": self.seed, "attr": self.attr, "target": self.target}
+
+
+@dataclass
+class UnitJob:
+    inputs: Inputs
+    unit: str
+    classes: list[str]
+    run_dir: str
+    repair: bool = False
+    evaluation_before: Optional[dict] = field(default=None, repr=False)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e) if isinstance(e, AspireError) else f"{type(e).__name__}: {e}"
+    text = " ".join(text.strip().splitlines()[0].split()) if text.strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _where() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _threads(n: Optional[int]) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))
+
+
+def load_inputs(inputs: Inputs, device: Optional[str] = None):
+    """(dataset, classifier), cached per process by their paths and the checkpoint's modification time."""
+    from aspire.data.formats import load_dataset
+    from aspire.models.classifier import load_checkpoint
+
+    key = (inputs.data, inputs.format, inputs.attr, inputs.target, inputs.model,
+           Path(inputs.model).stat().st_mtime_ns if Path(inputs.model).is_file() else None, device)
+    if key not in _CACHE:
+        _CACHE.clear()
+        dataset = load_dataset(inputs.data, inputs.format, attr=inputs.attr, target=inputs.target)
+        _CACHE[key] = (dataset, load_checkpoint(inputs.model, device=device))
+    return _CACHE[key]
+
+
+def eval_split(dataset) -> Optional[str]:
+    """The split the audit's evaluate node uses: test, else val (None: neither)."""
+    return next((s for s in ("test", "val") if dataset.split(s, allow_empty=True)), None)
+
+
+# ---------------------------------------------------------------- the audited classifier, evaluated once
+def evaluate_before(inputs: Inputs) -> dict:
+    """EvalResult (as JSON) of the audited classifier on the evaluation split; every class run reuses it."""
+    from aspire.models.evaluate import evaluate
+
+    _threads(inputs.threads)
+    dataset, clf = load_inputs(inputs)   # as the audit's classifier (the evaluate node's 'before')
+    split = eval_split(dataset)
+    return {"result": None if split is None else evaluate(clf, dataset, split).model_dump(mode="json"), **_where()}
+
+
+# ---------------------------------------------------------------- one audit: probe + review (+ generate)
+def batch_approver(repair: bool):
+    """A batch's approvals, recorded as automatic: with --repair the spurious findings are approved for
+    generation (the class's augmented set) and retraining is declined (the batch retrains once, over the union);
+    without it generation is declined too."""
+    def approve(payload: dict) -> dict:
+        if payload.get("stage") == "generate" and repair:
+            return {"decision": "approve", "auto": True}
+        return {"decision": "reject", "auto": True}
+    return approve
+
+
+def run_unit(job: UnitJob) -> dict:
+    """Run or resume one audit in job.run_dir (the agent graph, checkpointed); never raises for its failure."""
+    started = time.time()
+    store = None
+    try:
+        from aspire.agent import audit_context, make_planner, run_audit, thread_id
+        from aspire.agent.llm import llm_record
+        from aspire.provenance import run_record
+        from aspire.store import RunStore
+
+        # 1. inputs, and the class's run folder (new, or resumed from its store and checkpoints)
+        _threads(job.inputs.threads)
+        cfg = job.inputs.config
+        dataset, clf = load_inputs(job.inputs)
+        store = RunStore(job.run_dir)
+        args = job.inputs.run_args(job.classes)
+        recorded = store.get_meta("args")
+        if recorded is None:
+            store.set_meta("kind", "audit")
+            store.set_meta("args", args)
+        elif recorded != args:
+            raise AspireError(f"{job.run_dir}: holds a run of other inputs; remove it or use another batch folder")
+        if store.get_meta("record") is None:
+            planner = "offline" if cfg.agent.offline else llm_record(cfg.agent)
+            store.set_meta("record", run_record(cfg, seed=job.inputs.seed, planner=planner,
+                                                classifier={"arch": clf.arch, "classes": clf.class_names},
+                                                batch={"dir": job.inputs.batch_dir, "unit": job.unit}))
+        store.set_meta("batch", {"dir": job.inputs.batch_dir, "unit": job.unit, "repair": job.repair,
+                                 "retraining": "deferred to the batch" if job.repair else "none"})
+        if store.get_meta("evaluation") is None and job.evaluation_before:
+            store.set_meta("evaluation", {"before": job.evaluation_before})   # the evaluate node reuses it
+        thread_id(store)
+
+        # 2. the audit graph, every interrupt answered by the batch
+        ctx = audit_context(dataset, clf, cfg, store, model_path=job.inputs.model, classes=job.classes,
+                            seed=job.inputs.seed, progress=False, planner=make_planner(cfg.agent)[0])
+        result = run_audit(ctx, approve=batch_approver(job.repair))
+        if result.status != "done":
+            raise AspireError(f"{job.run_dir}: the audit stopped at {result.status}")
+        state = result.state
+        return {"ok": True, "unit": job.unit, "seconds": time.time() - started, **_where(),
+                "findings": [f.to_json() for f in result.findings], "report": state.get("report") or {},
+                "augmented": state.get("augmented"), "stop_reason": state.get("stop_reason"),
+                "rounds": state.get("round", 0), "counts": state.get("counts", {})}
+    except Exception as e:  # noqa: BLE001 - a failed audit is reported, never kills the batch
+        return {"ok": False, "unit": job.unit, "seconds": time.time() - started, **_where(),
+                "error": one_line(e), "traceback": traceback.format_exc()}
+    finally:
+        if store is not None:
+            store.close()
+
+
+# ---------------------------------------------------------------- --repair: one retraining over the union
+def repair(inputs: Inputs, augmented_dirs: list[str], out_dir: str) -> dict:
+    """Train one classifier on the training split plus every class's augmented set (the audited model's
+    recipe unless agent.retrain_* say otherwise), save it to out_dir/after.pt and evaluate it. Skips a
+    checkpoint already there."""
+    from aspire.agent.nodes import retrain_plan
+    from aspire.data.augmented import load_augmented
+    from aspire.models.classifier import build_classifier, load_checkpoint, save_checkpoint
+    from aspire.models.evaluate import evaluate
+    from aspire.models.methods import Augmentation, OptimSettings, train_with_method
+
+    _threads(inputs.threads)
+    cfg = inputs.config
+    device = cfg.agent.device
+    dataset, before = load_inputs(inputs)
+    # 1. the union of the augmented sets
+    samples = []
+    for d in augmented_dirs:
+        samples += load_augmented(d, class_names=before.class_names)
+    # 2. how to train: what the agent's retrain node does (retrain_plan reads config, classifier, dataset)
+    plan = retrain_plan(SimpleNamespace(config=cfg, pipeline=SimpleNamespace(classifier=before), dataset=dataset))
+    after_path = Path(out_dir) / "after.pt"
+    seconds = None
+    if not after_path.is_file():
+        optim = OptimSettings(epochs=plan["epochs"], batch_size=plan["batch_size"], lr=plan["lr"],
+                              weight_decay=plan["weight_decay"], seed=inputs.seed, crop_flip=plan["crop_flip"],
+                              device=device, progress=False)
+
+        def build():
+            return build_classifier(before.arch, before.class_names, input_size=before.input_size,
+                                    pretrained=plan["pretrained"], seed=inputs.seed)
+
+        augmentation = Augmentation(str(Path(inputs.batch_dir) / "runs"), samples=samples,
+                                    ratio=cfg.agent.augment_ratio)
+        init = copy.deepcopy(before) if plan["method"] == "dfr" else None
+        clf = train_with_method(plan["method"], dataset, build, optim, augmentation=augmentation, init=init)
+        seconds = clf.train_info.get("total_seconds")
+        save_checkpoint(clf, after_path)
+    # 3. evaluate on the split the audits used
+    split = eval_split(dataset)
+    after = None
+    if split is not None:
+        after = evaluate(load_checkpoint(after_path, device=device), dataset, split).model_dump(mode="json")
+    return {"models": {"before": inputs.model, "after": str(after_path)}, "plan": plan, "after": after,
+            "augmented": {"dirs": list(augmented_dirs), "n_images": len(samples)}, "train_seconds": seconds,
+            **_where()}
