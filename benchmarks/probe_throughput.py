@@ -5,7 +5,7 @@ predictions cached, as the pipeline has them from the hold-out step). Raw = the 
 the same images already decoded and preprocessed into one tensor, at the same batch size. The ratio
 (probing edits/s ÷ raw images/s) is the share of the classifier's speed that probing keeps.
 
-    python benchmarks/probe_throughput.py --run-dir RUN [--batch-size 64] [--repeats 5]
+    python benchmarks/probe_throughput.py --run-dir RUN [--model M.pt --data DIR] [--batch-size 64] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, required=True, help="a finished probe run (its model and edits)")
+    ap.add_argument("--model", help="checkpoint (default: the run's recorded model)")
+    ap.add_argument("--data", help="dataset folder (default: the run's recorded data)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--limit", type=int, default=1024, help="edits to use")
@@ -35,9 +37,9 @@ def main() -> None:
     from aspire.config import ProbeSettings
 
     store = RunStore(args.run_dir)
-    run_args = store.get_meta("args")
-    clf = load_checkpoint(run_args["model"])
-    ds = load_dataset(run_args["data"], run_args.get("format", "waterbirds"))
+    run_args = store.get_meta("args") or {}
+    clf = load_checkpoint(args.model or run_args["model"])
+    ds = load_dataset(args.data or run_args["data"], run_args.get("format", "waterbirds"))
     samples = ds.by_image()
     edits = store.all("edit", Edit)[: args.limit]
     prober = Prober(clf, ProbeSettings(batch_size=args.batch_size))
