@@ -19,3 +19,10 @@ class ModelLoadError(AspireError):
 
 class ConfigError(AspireError):
     """A setting has an invalid value."""
+
+
+def describe(error: BaseException, limit: int = 200) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    msg = lines[0] if lines else ""
+    return f"{type(error).__name__}: {msg[:limit]}" if msg else type(error).__name__

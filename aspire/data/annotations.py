@@ -8,12 +8,18 @@ annotations file's folder (the dataset root when the file sits there).
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from aspire.errors import DataError
 from aspire.schemas import AnnotatedRegion, Annotation
+
+
+def norm_key(key: str) -> str:
+    """An image key as annotations store it: forward slashes, no "./" ("./a\\b.png" -> "a/b.png")."""
+    return posixpath.normpath(key.replace("\\", "/"))
 
 
 def read_annotations(path: str | Path, *, check_files: bool = True) -> dict[str, Annotation]:

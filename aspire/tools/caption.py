@@ -17,14 +17,14 @@ from __future__ import annotations
 import base64
 import io
 import os
-import posixpath
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from PIL import Image
 
 from aspire.config import CaptionSettings
-from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError
+from aspire.data.annotations import norm_key
+from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError, describe
 from aspire.prompts import render_prompt
 from aspire.schemas import Caption, Sample
 
@@ -47,14 +47,8 @@ def strip_prompt(text: str, prompt: Optional[str]) -> str:
     return text.strip()
 
 
-def _norm_key(key: str) -> str:
-    return posixpath.normpath(key.replace("\\", "/"))
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    lines = str(error).strip().splitlines()
-    msg = lines[0] if lines else ""
-    return f"{type(error).__name__}: {msg[:limit]}" if msg else type(error).__name__
 
 
 class Captioner:
@@ -139,10 +133,10 @@ class Captioner:
 
             # masks are not needed to caption; the grounding step checks them
             anns = read_annotations(path, check_files=False)
-            self._annotations = {_norm_key(k): a.caption for k, a in anns.items()}
+            self._annotations = {norm_key(k): a.caption for k, a in anns.items()}
         out = []
         for key, _ in items:
-            text = self._annotations.get(_norm_key(key))
+            text = self._annotations.get(norm_key(key))
             if text is None:
                 raise DataError(f"{key}: no annotation for this image in {Path(path).expanduser().resolve()}")
             out.append(Caption(image=key, caption=text, backend="annotations"))
@@ -168,7 +162,7 @@ class Captioner:
         try:
             processor = AutoProcessor.from_pretrained(model_id)
         except Exception as e:  # missing folder, unknown repo, offline hub, bad files: all one user error
-            raise ModelLoadError(f"{model_id}: cannot load the captioning processor ({_one_line(e)})") from e
+            raise ModelLoadError(f"{model_id}: cannot load the captioning processor ({describe(e)})") from e
         model, errors = None, []
         # GIT, BLIP and BLIP-2 are all image-text-to-text models in transformers 5; GIT is a causal LM too
         for auto_cls in (AutoModelForImageTextToText, AutoModelForCausalLM):
@@ -178,7 +172,7 @@ class Captioner:
             except Exception as e:
                 errors.append(e)
         if model is None:
-            raise ModelLoadError(f"{model_id}: cannot load the captioning model ({_one_line(errors[0])})") \
+            raise ModelLoadError(f"{model_id}: cannot load the captioning model ({describe(errors[0])})") \
                 from errors[0]
         # 3. onto the device, half precision on GPU
         self.model = model.to(device).eval()
@@ -259,10 +253,10 @@ class Captioner:
             response = client.chat.completions.create(model=model, messages=messages, temperature=0)
         except openai.APIStatusError as e:
             raise AspireError(f"{where}: HTTP {e.status_code} for {key} after {self.settings.max_retries} "
-                              f"retries ({_one_line(e)})") from e
+                              f"retries ({describe(e)})") from e
         except openai.APIError as e:  # connection errors, timeouts
             raise AspireError(f"{where}: request for {key} failed after {self.settings.max_retries} "
-                              f"retries ({_one_line(e)})") from e
+                              f"retries ({describe(e)})") from e
         text = (response.choices[0].message.content or "") if response.choices else ""
         text = " ".join(text.split()).strip("\"'")
         if not text:

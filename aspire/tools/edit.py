@@ -54,7 +54,7 @@ from PIL import Image
 from aspire.atomic import write_json, write_with
 from aspire.config import EditSettings
 from aspire.data.images import save_mask
-from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError
+from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError, describe
 from aspire.schemas import Edit, PhraseKind
 
 if TYPE_CHECKING:
@@ -355,7 +355,7 @@ class Editor:
                     warnings.simplefilter("ignore", FutureWarning)
                     self._lama = torch.jit.load(str(path), map_location=self._torch_device()).eval()
             except Exception as e:  # noqa: BLE001 - any failure to deserialize is a load error
-                raise ModelLoadError(f"{path}: cannot load LaMa TorchScript ({_one_line(e)})") from None
+                raise ModelLoadError(f"{path}: cannot load LaMa TorchScript ({describe(e)})") from None
         return self._lama
 
     def _lama_inpaint(self, job: _Job) -> np.ndarray:
@@ -406,7 +406,7 @@ class Editor:
                 requires_safety_checker=False)
             pipe = pipe.to(device)
         except Exception as e:  # noqa: BLE001 - hub, file and config errors all mean "cannot load"
-            raise ModelLoadError(f"cannot load {cls_name} model {model_id!r} ({_one_line(e)})") from None
+            raise ModelLoadError(f"cannot load {cls_name} model {model_id!r} ({describe(e)})") from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -569,9 +569,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__
 
 
 def _record(job: _Job, out_dir: Path) -> Edit:

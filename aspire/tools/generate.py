@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from aspire.config import GenerateSettings
-from aspire.errors import ConfigError, DataError, ModelLoadError
+from aspire.errors import ConfigError, DataError, ModelLoadError, describe
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,6 @@ def sha256_file(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__
 
 
 def color_jitter(image: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
@@ -285,7 +282,7 @@ class Generator:
                     return LearnedToken(token, out_file, record["initializer_token"], seed, record["steps"],
                                         tuple(record["losses"]), record["sha256"])
             except Exception as e:  # noqa: BLE001 - an unreadable cache is trained again
-                log.info("retraining %s: cached embedding unreadable (%s)", token, _one_line(e))
+                log.info("retraining %s: cached embedding unreadable (%s)", token, describe(e))
         # 2. train; out of memory: half the batch, twice the accumulation, from the start
         batch, accum = self.settings.train_batch_size, self.settings.gradient_accumulation_steps
         while True:
@@ -455,7 +452,7 @@ class Generator:
                 return cls.from_pretrained(s.model_id, revision=s.revision, **kwargs)
             return cls.from_pretrained(s.model_id, subfolder=subfolder, revision=s.revision, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub, file and config errors all mean "cannot load"
-            raise ModelLoadError(f"cannot load {cls.__name__} of {s.model_id!r} ({_one_line(e)})") from None
+            raise ModelLoadError(f"cannot load {cls.__name__} of {s.model_id!r} ({describe(e)})") from None
 
     def _frozen_parts(self):
         """VAE, UNet (frozen, in the training dtype, on the device) and the DDPM noise scheduler."""

@@ -20,7 +20,6 @@ DataError naming it.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from aspire.config import GroundSettings
-from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError
+from aspire.data.annotations import norm_key
+from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError, describe
 from aspire.schemas import Annotation, Region
 
 if TYPE_CHECKING:
@@ -73,14 +73,8 @@ def detector_prompt(phrase: str) -> str:
     return " ".join(phrase.lower().split()).rstrip(".").strip() + "."
 
 
-def _norm_key(key: str) -> str:
-    return posixpath.normpath(key.replace("\\", "/"))
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    lines = str(error).strip().splitlines()
-    msg = lines[0] if lines else ""
-    return f"{type(error).__name__}: {msg[:limit]}" if msg else type(error).__name__
 
 
 @dataclass
@@ -195,8 +189,8 @@ class Grounder:
             from aspire.data.annotations import read_annotations
 
             anns = read_annotations(path)  # checks that every mask file exists
-            self._annotations = {_norm_key(k): a for k, a in anns.items()}
-        ann = self._annotations.get(_norm_key(image_key))
+            self._annotations = {norm_key(k): a for k, a in anns.items()}
+        ann = self._annotations.get(norm_key(image_key))
         if ann is None:
             raise DataError(f"{image_key}: no annotation for this image in {Path(path).expanduser().resolve()}")
         return ann
@@ -240,7 +234,7 @@ class Grounder:
             try:
                 return AutoConfig.from_pretrained(model_id).model_type
             except Exception as e:  # missing folder, unknown repo, offline hub, bad files: one user error
-                raise ModelLoadError(f"{model_id}: cannot load the {what} ({_one_line(e)})") from e
+                raise ModelLoadError(f"{model_id}: cannot load the {what} ({describe(e)})") from e
 
         s = self.settings
         device = pick_device(s.device)
@@ -253,7 +247,7 @@ class Grounder:
             detector_processor = AutoProcessor.from_pretrained(s.detector_id)
             detector = AutoModelForZeroShotObjectDetection.from_pretrained(s.detector_id)
         except Exception as e:
-            raise ModelLoadError(f"{s.detector_id}: cannot load the GroundingDINO detector ({_one_line(e)})") from e
+            raise ModelLoadError(f"{s.detector_id}: cannot load the GroundingDINO detector ({describe(e)})") from e
         # 2. SAM, half precision on GPU (SamModel would load any checkpoint with random weights: check the type)
         kind = model_type(s.segmenter_id, "SAM segmenter")
         if kind != "sam":
@@ -262,7 +256,7 @@ class Grounder:
             segmenter_processor = SamProcessor.from_pretrained(s.segmenter_id)
             segmenter = SamModel.from_pretrained(s.segmenter_id, dtype=pick_dtype(device))
         except Exception as e:
-            raise ModelLoadError(f"{s.segmenter_id}: cannot load the SAM segmenter ({_one_line(e)})") from e
+            raise ModelLoadError(f"{s.segmenter_id}: cannot load the SAM segmenter ({describe(e)})") from e
         self.detector = detector.to(device).eval()
         self.segmenter = segmenter.to(device).eval()
         self.detector_processor, self.segmenter_processor = detector_processor, segmenter_processor
