@@ -8,6 +8,13 @@ names the dataset, its format and the classifier):
    (findings marked spurious, the default), "significant" (p_value < probe.alpha) or "flipping" (any group
    with a flip: the paper's ranking by flip rate), or the caller names the groups (`groups`: the agent's
    approved features). A class with none is skipped with its reason (stderr and the result); the others go on.
+   `augment.select = "generic"` is the baseline of generic augmentation (the paper's "Azizi et al." row):
+   no phrase group is targeted; per class, up to `probe.max_edits_per_class` of its hold-out images (unedited,
+   in a seeded order) are the sources, and their backgrounds are the class's own training images (the
+   training distribution, spurious features included), not filtered. Committed like any set; recorded in the
+   run store's meta `augmented-generic`, so the run's own `augmented` record stays the method's.
+   `counts` ({class: n}) caps the images per class and skips the classes it does not name (e.g. the per_class
+   of an aspire set, for a generic set of the same size).
 2. generate (tools/generate.py). The offline backend needs each edit's label-object mask (the inverse of a
    background edit's mask, else the region of `pipeline.object_phrases(class)`, eroded by the grounder's
    dilation) and donor backgrounds: images of the run whose recorded phrases (store `phrases` records, then
@@ -37,13 +44,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import random
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, ContextManager, Optional, Sequence
+from typing import Any, Callable, Collection, ContextManager, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -74,6 +82,7 @@ class ClassSelection:
     groups: list[str]
     edits: list[Edit]
     avoid: list[Finding]
+    originals: list[str] = field(default_factory=list)  # generic mode: hold-out image keys (no edits, no groups)
 
 
 @dataclass
@@ -138,6 +147,8 @@ def select_edits(store: RunStore, class_names: Sequence[str], class_ids: Sequenc
     """Per class, the flipped edits of its qualifying groups, strongest first, up to max_edits_per_class.
     `groups` (finding keys, e.g. the agent's approved features) replaces `augment.select` when given."""
     mode, limit = ("given" if groups is not None else config.augment.select), config.probe.max_edits_per_class
+    if mode == "generic":
+        raise ConfigError("augment.select = generic uses hold-out images, not edits (select_originals)")
     chosen = set(groups or ())
     findings = store.all("finding", Finding)
     selections, skipped = [], {}
@@ -179,6 +190,23 @@ def select_edits(store: RunStore, class_names: Sequence[str], class_ids: Sequenc
     return selections, skipped
 
 
+def select_originals(store: RunStore, samples: dict[str, Sample], class_names: Sequence[str],
+                     class_ids: Sequence[int], config: AspireConfig,
+                     seed: int) -> tuple[list[ClassSelection], dict[str, str]]:
+    """Generic mode: per class, up to max_edits_per_class of its hold-out images in a seeded order (no edits,
+    no phrase groups, nothing to avoid)."""
+    holdout = [samples[k] for k in store.get_meta("holdout", []) if k in samples]
+    selections, skipped = [], {}
+    for y in class_ids:
+        keys = sorted(s.image for s in holdout if s.y == y)
+        if not keys:
+            skipped[class_names[y]] = "no hold-out images: the class was not probed in this run"
+            continue
+        random.Random(derive_seed(seed, "generic", y)).shuffle(keys)
+        selections.append(ClassSelection(y, class_names[y], [], [], [], keys[:config.probe.max_edits_per_class]))
+    return selections, skipped
+
+
 # ---------------------------------------------------------------- 2. what the generator starts from
 def _mentions(phrase: str, groups: Sequence[Finding], threshold: float) -> bool:
     """Whether `phrase` names one of the phrase groups (background groups: also any phrase of their scene)."""
@@ -204,6 +232,8 @@ class _Sources:
         self._phrases: Optional[dict[str, list[str]]] = None
 
     def job(self, sel: ClassSelection, notes: list[str]) -> ClassJob:
+        if sel.originals:
+            return self._generic_job(sel)
         offline = self.config.generate.backend == "offline"  # textual inversion needs the edited images only
         sources, dilated = [], []
         for e in sel.edits:
@@ -219,6 +249,26 @@ class _Sources:
                 avoid = ", ".join(f.phrase for f in sel.avoid)
                 notes.append(f"class {sel.class_name!r}: no image of the run shows a background without its spurious "
                              f"features ({avoid}); the edits' own backgrounds are used")
+        return ClassJob(sel.class_index, sel.class_name, sources, backgrounds, seed=self.seed)
+
+    def _generic_job(self, sel: ClassSelection) -> ClassJob:
+        """Generic mode: the hold-out images themselves (their object masks: offline), on backgrounds of the
+        class's own training images (any of them: not filtered)."""
+        offline = self.config.generate.backend == "offline"
+        sources = []
+        for key in sel.originals:
+            sample = self.pipeline.samples[key]
+            image = np.array(load_image(sample.path))  # (H, W, 3) uint8
+            mask = self.pipeline.object_mask(sample) if offline else None
+            if mask is not None and (mask.shape != image.shape[:2] or mask.all() or not mask.any()):
+                mask = None
+            sources.append(SourceEdit(key, key, image, None if mask is None else self._erode(mask)))
+        backgrounds: list[Background] = []
+        if offline:
+            keys = sorted(k for k, s in self.pipeline.samples.items()
+                          if s.split == "train" and not s.synthetic and s.y == sel.class_index)
+            random.Random(derive_seed(self.seed, "generic-backgrounds", sel.class_index)).shuffle(keys)
+            backgrounds = self._inpainted(keys)
         return ClassJob(sel.class_index, sel.class_name, sources, backgrounds, seed=self.seed)
 
     # -- object masks
@@ -270,12 +320,17 @@ class _Sources:
         return self._phrases
 
     def _donors(self, sel: ClassSelection) -> list[Background]:
-        from aspire.pipeline import object_phrases
-
         threshold = self.config.probe.merge_similarity
         keys = sorted(k for k, phrases in self._phrase_table().items()
                       if not any(_mentions(p, sel.avoid, threshold) for p in phrases))
         random.Random(derive_seed(self.seed, "backgrounds", sel.class_index)).shuffle(keys)
+        return self._inpainted(keys)
+
+    def _inpainted(self, keys: Sequence[str]) -> list[Background]:
+        """Backgrounds from the images `keys` in turn (their own label object inpainted away), up to
+        max_backgrounds; images whose object is not found are passed over."""
+        from aspire.pipeline import object_phrases
+
         editor, out = self.pipeline.tool("editor"), self.store.folder(f"{CACHE}/backgrounds")
         names = self.pipeline.class_names
         found: list[Background] = []
@@ -386,11 +441,15 @@ def _row(g: GeneratedImage, rel: str, data: bytes, class_name: str, generator: s
 
 
 def _inputs_digest(store: RunStore, args: dict, selections: Sequence[ClassSelection], config: AspireConfig,
-                   seed: int) -> str:
+                   seed: int, counts: Optional[Mapping[str, int]] = None) -> str:
     payload = {"run_dir": str(store.run_dir), "args": args, "seed": seed,
                "selection": {s.class_name: [e.edit_id for e in s.edits] for s in selections},
                "avoid": {s.class_name: [f.phrase for f in s.avoid] for s in selections},
                **{k: getattr(config, k).model_dump(mode="json") for k in ("generate", "augment", "edit", "ground")}}
+    if any(s.originals for s in selections):  # generic mode (absent otherwise: earlier digests stay valid)
+        payload["originals"] = {s.class_name: s.originals for s in selections}
+    if counts is not None:
+        payload["counts"] = dict(sorted(counts.items()))
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -403,12 +462,14 @@ def _remove_stale(out_dir: Path) -> None:
 
 
 def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[AspireConfig] = None, seed: int = 0, *,
-                groups: Optional[Collection[str]] = None, progress: Optional[Progress] = None,
+                groups: Optional[Collection[str]] = None, counts: Optional[Mapping[str, int]] = None,
+                progress: Optional[Progress] = None,
                 on_message: Optional[Callable[[str], None]] = None) -> AugmentResult:
     """Generate and commit the augmented set of a finished probe or audit run (see the module docstring).
 
     `groups`: finding keys (`class index|kind|phrase`) to generate from instead of `augment.select`'s rule
-    (the agent passes the approved features). Messages (skipped classes, notes) go to `on_message`
+    (the agent passes the approved features). `counts`: {class name: at most this many images}; classes it
+    does not name (or names with 0) are skipped. Messages (skipped classes, notes) go to `on_message`
     (default: stderr); `progress(label, total)` is a context manager giving `advance(n)`."""
     from aspire.data.formats import load_dataset
     from aspire.models.classifier import load_checkpoint
@@ -434,8 +495,23 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
                            target=args.get("target"))
     clf = load_checkpoint(args["model"], device=config.generate.device)
     pipeline = ProbePipeline(dataset, clf, config, store, classes=args.get("classes"), seed=int(args.get("seed") or 0))
-    selections, skipped = select_edits(store, clf.class_names, pipeline.class_ids, config, groups)
-    digest = _inputs_digest(store, args, selections, config, seed)
+    generic = groups is None and config.augment.select == "generic"
+    if generic:
+        selections, skipped = select_originals(store, pipeline.samples, clf.class_names, pipeline.class_ids,
+                                               config, seed)
+    else:
+        selections, skipped = select_edits(store, clf.class_names, pipeline.class_ids, config, groups)
+    if counts is not None:
+        bad = sorted(set(counts) - set(clf.class_names))
+        if bad or any(int(n) < 0 for n in counts.values()):
+            raise ConfigError(f"counts: {'unknown class ' + repr(bad[0]) if bad else 'negative count'} "
+                              f"(classes: {', '.join(clf.class_names)})")
+        for sel in selections:
+            if not counts.get(sel.class_name):
+                skipped[sel.class_name] = "no images requested for the class (counts)"
+        selections = [sel for sel in selections if counts.get(sel.class_name)]
+    record_key = "augmented-generic" if generic else "augmented"
+    digest = _inputs_digest(store, args, selections, config, seed, counts)
     generator = Generator(config.generate)
     described = generator.describe()
 
@@ -452,12 +528,13 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
         result = AugmentResult(out_dir, len(existing["images"]), existing["per_class"], existing["skipped"],
                                existing.get("dropped", {}), existing.get("notes", []), existing["generator"],
                                out_dir / "manifest.json", reused=True)
-        _record(store, result)
+        _record(store, result, record_key)
         return result
     for name, why in skipped.items():
         say(f"class {name!r} skipped: {why}")
     if not selections:
-        raise AspireError(f"{store.run_dir}: no class has flipped edits to generate from "
+        what = "hold-out images" if generic else "flipped edits"
+        raise AspireError(f"{store.run_dir}: no class has {what} to generate from "
                           f"(skipped: {', '.join(skipped)}; reasons above)")
 
     # 4. generate, filter and commit in one temporary folder renamed into place
@@ -474,8 +551,11 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
             job = sources.job(sel, notes)
             sub = f"{IMAGE_DIR}/{sel.class_index:03d}-{class_slug(sel.class_name)}"
             class_rows = []
-            with progress(f"generating {sel.class_name}", per_image) as advance:
-                for i, g in enumerate(generator.generate(job, work)):
+            limit = per_image if counts is None else min(per_image, int(counts[sel.class_name]))
+            with progress(f"generating {sel.class_name}", limit) as advance:
+                for i, g in enumerate(itertools.islice(generator.generate(job, work), limit)):
+                    if sel.originals:
+                        g.edits = []  # generic mode: made from unedited images
                     data = _png_bytes(g.image)
                     rel = f"{sub}/{i:05d}.png"
                     _write_file(tmp / rel, data)
@@ -501,7 +581,10 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
                     "run_dir": str(store.run_dir), "run_kind": store.get_meta("kind"), "dataset": args,
                     "classes": list(clf.class_names), "generator": described,
                     "selection": {s.class_name: {"groups": s.groups, "edits": [e.edit_id for e in s.edits],
-                                                 "avoid": [f.phrase for f in s.avoid]} for s in selections},
+                                                 "avoid": [f.phrase for f in s.avoid],
+                                                 **({"originals": s.originals} if s.originals else {})}
+                                  for s in selections},
+                    "select": "given" if groups is not None else config.augment.select,
                     "per_class": per_class, "skipped": skipped, "dropped": dropped, "filter": filters or None,
                     "notes": notes, "images": rows}
         write_set_files(tmp, clf.class_names, manifest)
@@ -509,11 +592,11 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
     # 5. record in the run store
     result = AugmentResult(out_dir, len(rows), per_class, skipped, dropped, notes, described,
                            out_dir / "manifest.json")
-    _record(store, result)
+    _record(store, result, record_key)
     return result
 
 
-def _record(store: RunStore, result: AugmentResult) -> None:
-    store.set_meta("augmented", {"dir": str(result.out_dir), "n_images": result.n_images,
+def _record(store: RunStore, result: AugmentResult, key: str = "augmented") -> None:
+    store.set_meta(key, {"dir": str(result.out_dir), "n_images": result.n_images,
                                  "per_class": result.per_class, "manifest": str(result.manifest),
                                  "generator": result.generator})

@@ -373,3 +373,64 @@ def test_read_only_parent_folder_is_one_line_permission_denied(run, tmp_path, mo
     finally:
         parent.chmod(0o755)
     assert code == 1 and "permission denied" in stderr and not list(parent.iterdir())
+
+
+# ---------------------------------------------------------------- generic augmentation (the baseline)
+def test_generic_set_has_the_aspire_count_from_holdout_images_on_unfiltered_backgrounds(reference, run, tmp_path):
+    from aspire.augment import _mentions
+    from aspire.data.annotations import read_annotations
+    from aspire.data.formats import load_dataset
+
+    _, aspire = reference
+    store = RunStore(run / "run")
+    before = store.get_meta("augmented")
+    out = tmp_path / "generic"
+    result = augment_run(run / "run", out, config(run, select="generic"), seed=0, counts=aspire.per_class,
+                         on_message=lambda m: None)
+    # the same images per class as the aspire set
+    assert result.per_class == aspire.per_class and result.n_images == aspire.n_images and not result.skipped
+    manifest = verify_manifest(out)
+    assert manifest["select"] == "generic" and len(load_augmented(out)) == aspire.n_images
+    # sources: the class's hold-out images, unedited; no phrase group targeted, nothing avoided
+    samples = {s.image: s for s in load_dataset(run / "data").samples}
+    holdout = set(store.get_meta("holdout"))
+    for name, sel in manifest["selection"].items():
+        assert sel["groups"] == [] and sel["edits"] == [] and sel["avoid"] == []
+        assert sel["originals"] and set(sel["originals"]) <= holdout
+        assert {samples[k].y for k in sel["originals"]} == {manifest["classes"].index(name)}
+    # backgrounds: the class's own training images, not filtered: they show what the aspire set avoided
+    findings = {(f.class_index, f.phrase): f for f in store.all("finding", Finding)}
+    annotated = {k: [r.phrase for r in a.regions] for k, a in read_annotations(run / "data" / "annotations.jsonl").items()}
+    aspire_avoid = verify_manifest(reference[0])["selection"]
+    shows_avoided = 0
+    for img in manifest["images"]:
+        assert img["edits"] == [] and img["sources"][0] in manifest["selection"][img["class"]]["originals"]
+        donor = img["donor"]
+        assert donor is not None and samples[donor].split == "train" and samples[donor].y == img["y"]
+        avoid = [findings[(img["y"], p)] for p in aspire_avoid[img["class"]]["avoid"]]
+        shows_avoided += any(_mentions(p, avoid, 0.8) for p in annotated[donor])
+    assert shows_avoided > 0
+    # recorded beside the method's set, not over it
+    assert store.get_meta("augmented") == before
+    assert store.get_meta("augmented-generic")["dir"] == str(out)
+    # deterministic: the same inputs give the same bytes; another seed another set of the same size
+    again = augment_run(run / "run", tmp_path / "again", config(run, select="generic"), seed=0,
+                        counts=aspire.per_class, on_message=lambda m: None)
+    assert files(tmp_path / "again") == files(out) and not again.reused
+    other = augment_run(run / "run", tmp_path / "other", config(run, select="generic"), seed=1,
+                        counts=aspire.per_class, on_message=lambda m: None)
+    assert other.per_class == result.per_class and files(tmp_path / "other") != files(out)
+
+
+def test_counts_cap_and_skip_classes(run, tmp_path):
+    from aspire.augment import select_edits
+    from aspire.errors import ConfigError
+
+    result = augment_run(run / "run", tmp_path / "aug", config(run), seed=0, counts={"landbird": 5},
+                         on_message=lambda m: None)
+    assert result.per_class == {"landbird": 5} and "counts" in result.skipped["waterbird"]
+    with pytest.raises(ConfigError, match="unknown class 'heron'"):
+        augment_run(run / "run", tmp_path / "bad", config(run), seed=0, counts={"heron": 5})
+    assert no_leftovers(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="generic"):
+        select_edits(RunStore(run / "run"), ["landbird", "waterbird"], [0, 1], config(run, select="generic"))
