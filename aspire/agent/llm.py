@@ -14,9 +14,7 @@ the plan carries the reasons (the graph records them as `llm_failure` events): t
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from typing import Any, Literal, Optional
 
@@ -26,6 +24,7 @@ from aspire.agent.planner import OfflinePlanner, Plan, PlanRequest, hypothesis, 
 from aspire.config import AgentSettings
 from aspire.errors import ConfigError
 from aspire.prompts import prompt_hash, render_prompt
+from aspire.tools.phrases import json_from_text
 
 PROMPT_NAME = "hypothesize"
 MAX_REASON_CHARS = 300
@@ -101,7 +100,6 @@ def llm_record(settings: AgentSettings) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- answers
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
 def json_from_message(message: Any) -> Any:
@@ -117,18 +115,7 @@ def json_from_message(message: Any) -> Any:
         content = "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
     if not isinstance(content, str) or not content.strip():
         raise ValueError("the answer is empty (no tool call, no content)")
-    text = content.strip()
-    fenced = _FENCE.search(text)
-    candidates = ([fenced.group(1)] if fenced else []) + [text]
-    a, b = text.find("{"), text.rfind("}")
-    if 0 <= a < b:
-        candidates.append(text[a:b + 1])
-    for cand in candidates:
-        try:
-            return json.loads(cand)
-        except json.JSONDecodeError:
-            continue
-    raise ValueError("the answer is not valid JSON")
+    return json_from_text(content)
 
 
 def _short(text: Any) -> str:

@@ -409,7 +409,7 @@ def _offline_alt(results: list[Optional[_OfflineResult]]) -> list[list[str]]:
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
-def _json_from_text(text: str) -> Any:
+def json_from_text(text: str) -> Any:
     """The JSON object or list in a message's text (bare, fenced, or surrounded by prose)."""
     text = text.strip()
     fenced = _FENCE.search(text)
@@ -442,7 +442,7 @@ def parse_answer(message: Any) -> list[Any]:
             content = "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
         if not isinstance(content, str) or not content.strip():
             raise ValueError("the answer is empty (no tool call, no content)")
-        data = _json_from_text(content)
+        data = json_from_text(content)
     if isinstance(data, dict) and "items" in data:
         data = data["items"]
     elif isinstance(data, dict) and {"foreground", "background"} & data.keys():
