@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Optional, Sequence

@@ -17,12 +17,11 @@ group of a class by flip rate minus control flip rate.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Optional
 
-from evals.common import BENCHMARKS, dumps, erm_model, fmt, markdown_table, mean_std, toy_data, write_results
+from evals.common import EPOCHS, erm_model, eval_parser, fmt, markdown_table, mean_std, toy_data, write_results
 
 
 def match_element(phrase: str, kind: str, elements: dict) -> Optional[str]:
@@ -101,20 +100,14 @@ def run_seed(bench: str, seed: int, workdir: Path, debug: bool, epochs: int, thr
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=10)
+    ap = eval_parser(__doc__, "tiny data, 1 seed, 1 epoch")
     ap.add_argument("--reliance-threshold", type=float, default=0.1)
     ap.add_argument("--k", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, default=Path("evals/work"))
-    ap.add_argument("--out", type=Path, default=Path("evals/results"))
-    ap.add_argument("--debug", action="store_true", help="tiny data, 1 seed, 1 epoch")
     args = ap.parse_args(argv)
     if args.debug:
         args.seeds, args.epochs = args.seeds[:1], 1
 
-    runs = [run_seed(b, s, args.workdir, args.debug, args.epochs, args.reliance_threshold, args.k)
+    runs = [run_seed(b, s, args.workdir, args.debug, args.epochs or EPOCHS[b], args.reliance_threshold, args.k)
             for b in args.benchmarks for s in args.seeds]
     summary = {}
     rows = []
@@ -123,10 +116,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         s = {f"{vs}_{m}": mean_std(r[vs][m] for r in mine)
              for vs in ("vs_reliance", "vs_planted") for m in ("precision", "recall")}
         summary[b] = s
-        rows.append([b, len(mine), fmt(s["vs_reliance_precision"]), fmt(s["vs_reliance_recall"]),
+        rows.append([b, args.epochs or EPOCHS[b], len(mine), fmt(s["vs_reliance_precision"]), fmt(s["vs_reliance_recall"]),
                      fmt(s["vs_planted_precision"]), fmt(s["vs_planted_recall"])])
     md = ("## Discovery: spurious findings of `aspire probe` (offline backends, ERM smallcnn)\n\n"
-          + markdown_table(["benchmark", "seeds", "precision vs reliance", "recall vs reliance",
+          + markdown_table(["benchmark", "epochs", "seeds", "precision vs reliance", "recall vs reliance",
                             "precision vs planted", "recall vs planted"], rows)
           + f"\nReliance threshold: accuracy drop ≥ {args.reliance_threshold} on the counterfactual test set. "
           + "Mean ± std over seeds, in %.\n\nPer class (first seed):\n\n")

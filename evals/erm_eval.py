@@ -1,18 +1,17 @@
 """ERM baselines on the toy benchmarks: worst-group, plain and weighted average test accuracy, train time.
 
-    python -m evals.erm_eval [--seeds 0 1 2] [--epochs 10] [--debug]
+    python -m evals.erm_eval [--seeds 0 1 2] [--epochs N (default per benchmark: common.EPOCHS)] [--debug]
 
 Each seed builds its own benchmark (data seed = model seed) and trains smallcnn with the CLI defaults.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Optional
 
-from evals.common import BENCHMARKS, fmt, markdown_table, mean_std, toy_data, write_results
+from evals.common import EPOCHS, eval_parser, fmt, markdown_table, mean_std, toy_data, write_results
 
 GROUP_ATTR = {"toy-waterbirds": "place", "toy-multiclass": "attr"}
 
@@ -31,33 +30,27 @@ def run_seed(bench: str, seed: int, workdir: Path, debug: bool, epochs: int) -> 
                      weight_decay=5e-4, seed=seed, augment=True, progress=False)
     seconds = time.perf_counter() - started
     r = evaluate(clf, ds, "test")
-    return {"benchmark": bench, "seed": seed, "train_seconds": round(seconds, 1),
+    return {"benchmark": bench, "seed": seed, "epochs": epochs, "train_seconds": round(seconds, 1),
             "worst_group_accuracy": r.worst_group_accuracy, "average_accuracy": r.average_accuracy,
             "weighted_average_accuracy": r.weighted_average_accuracy, "worst_group": r.worst_group}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--workdir", type=Path, default=Path("evals/work"))
-    ap.add_argument("--out", type=Path, default=Path("evals/results"))
-    ap.add_argument("--debug", action="store_true", help="tiny data, 1 seed, 1 epoch")
+    ap = eval_parser(__doc__, "tiny data, 1 seed, 1 epoch")
     args = ap.parse_args(argv)
     if args.debug:
         args.seeds, args.epochs = args.seeds[:1], 1
-    runs = [run_seed(b, s, args.workdir, args.debug, args.epochs) for b in args.benchmarks for s in args.seeds]
+    runs = [run_seed(b, s, args.workdir, args.debug, args.epochs or EPOCHS[b]) for b in args.benchmarks for s in args.seeds]
     rows, summary = [], {}
     for b in args.benchmarks:
         mine = [r for r in runs if r["benchmark"] == b]
         s = {k: mean_std(r[k] for r in mine) for k in
              ("worst_group_accuracy", "average_accuracy", "weighted_average_accuracy", "train_seconds")}
         summary[b] = s
-        rows.append([b, len(mine), fmt(s["worst_group_accuracy"]), fmt(s["average_accuracy"]),
+        rows.append([b, args.epochs or EPOCHS[b], len(mine), fmt(s["worst_group_accuracy"]), fmt(s["average_accuracy"]),
                      fmt(s["weighted_average_accuracy"]), fmt(s["train_seconds"], pct=False)])
-    md = (f"## ERM (smallcnn, {args.epochs} epochs), test split\n\n"
-          + markdown_table(["benchmark", "seeds", "worst-group %", "average %", "weighted average %", "train s"], rows)
+    md = ("## ERM (smallcnn), test split\n\n"
+          + markdown_table(["benchmark", "epochs", "seeds", "worst-group %", "average %", "weighted average %", "train s"], rows)
           + "\nMean ± std over seeds.\n")
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "summary": summary, "runs": runs}

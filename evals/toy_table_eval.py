@@ -16,7 +16,10 @@ augmentation is the ERM model itself; DFR retrains the last layer of that ERM mo
 benchmark, model, probe run, augmented set and cell result is cached under --workdir: a re-run resumes.
 Results are written after every seed, so a partial run leaves a partial table.
 
-    python -m evals.toy_table_eval [--benchmarks ...] [--seeds 0 1 2] [--methods ...] [--epochs 10] [--debug]
+Each benchmark's results go to their own files (evals/results/toy_table_<benchmark>.json and .md), so one
+benchmark can be run (or re-run) without touching the other's.
+
+    python -m evals.toy_table_eval [--benchmarks ...] [--seeds 0 1 2] [--methods ...] [--epochs N] [--debug]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from evals.common import BENCHMARKS, erm_model, fmt, markdown_table, mean_std, toy_data, write_results
+from evals.common import EPOCHS, erm_model, eval_parser, fmt, markdown_table, mean_std, toy_data, write_results
 from evals.erm_eval import GROUP_ATTR
 
 METHODS = ("erm", "groupdro", "jtt", "dfr", "subg")
@@ -139,13 +142,13 @@ def train_cell(method: str, aug: str, bench: str, data: Path, erm_path: Path, au
             "train_seconds": seconds, "n_added": (clf.train_info.get("augmentation") or {}).get("n_added", 0)}
 
 
-def run_seed(bench: str, seed: int, args: argparse.Namespace) -> dict:
+def run_seed(bench: str, seed: int, epochs: int, args: argparse.Namespace) -> dict:
     from aspire.atomic import write_json
 
     started = time.perf_counter()
     data = toy_data(bench, seed, args.workdir, args.debug)
-    erm_path = erm_model(data, seed, args.workdir, args.epochs)
-    root = args.workdir / "toy_table" / f"{data.name}-e{args.epochs}"
+    erm_path = erm_model(data, seed, args.workdir, epochs)
+    root = args.workdir / "toy_table" / f"{data.name}-e{epochs}"
     root.mkdir(parents=True, exist_ok=True)
     log(f"{bench} seed {seed}: probing the ERM model")
     probe = probe_run(data, erm_path, seed, root / "probe")
@@ -166,7 +169,7 @@ def run_seed(bench: str, seed: int, args: argparse.Namespace) -> dict:
                 cells[method][aug] = json.loads(cache.read_text())
                 continue
             log(f"{bench} seed {seed}: training {method} + {aug}")
-            cell = train_cell(method, aug, bench, data, erm_path, augset["dir"] if augset else None, seed, args.epochs,
+            cell = train_cell(method, aug, bench, data, erm_path, augset["dir"] if augset else None, seed, epochs,
                               args.method_settings)
             write_json(cache, cell)
             cells[method][aug] = cell
@@ -189,11 +192,12 @@ def summarize(runs: list[dict], benchmarks: list[str], methods: list[str]) -> di
     return summary
 
 
-def markdown(runs: list[dict], summary: dict, args: argparse.Namespace, wall_seconds: float) -> str:
-    md = f"## Worst-group / average test accuracy with and without augmentation (smallcnn, {args.epochs} epochs)\n\n"
+def markdown(runs: list[dict], summary: dict, epochs: int, wall_seconds: float) -> str:
+    md = ""
     for b, per_method in summary.items():
         mine = [r for r in runs if r["benchmark"] == b]
-        md += f"### {b} (groups: {GROUP_ATTR[b]}; seeds: {', '.join(str(r['seed']) for r in mine)})\n\n"
+        md += (f"### {b}: worst-group / average test accuracy with and without augmentation (smallcnn, {epochs} "
+               f"epochs; groups: {GROUP_ATTR[b]}; seeds: {', '.join(str(r['seed']) for r in mine)})\n\n")
         rows = [[m] + [fmt(per_method[m][a]["worst_group_accuracy"]) for a in AUGMENTATIONS]
                 + [fmt(per_method[m][a]["average_accuracy"]) for a in AUGMENTATIONS] for m in per_method]
         md += markdown_table(["method"] + [f"worst-group % ({a})" for a in AUGMENTATIONS]
@@ -219,41 +223,34 @@ def markdown(runs: list[dict], summary: dict, args: argparse.Namespace, wall_sec
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap = eval_parser(__doc__, f"tiny data, 1 seed, {DEBUG_EPOCHS} epochs, {DEBUG_IMAGES_PER_CLASS} generated "
+                     "images per class, JTT lambda and DFR refits cut")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--epochs", type=int, default=None, help=f"default 10 (--debug: {DEBUG_EPOCHS})")
     ap.add_argument("--images-per-class", type=int, default=None,
                     help="offline generator's images per class (default: the generator's, 800; --debug: 40)")
-    ap.add_argument("--workdir", type=Path, default=Path("evals/work"))
-    ap.add_argument("--out", type=Path, default=Path("evals/results"))
-    ap.add_argument("--debug", action="store_true", help=f"tiny data, 1 seed, {DEBUG_EPOCHS} epochs, "
-                    f"{DEBUG_IMAGES_PER_CLASS} generated images per class, JTT lambda and DFR refits cut")
     args = ap.parse_args(argv)
     if args.debug:
         args.seeds, args.epochs = args.seeds[:1], args.epochs or DEBUG_EPOCHS
         args.images_per_class = args.images_per_class or DEBUG_IMAGES_PER_CLASS
-    args.epochs = args.epochs or 10
     args.method_settings = DEBUG_METHOD_SETTINGS if args.debug else {}
-    started = time.perf_counter()
-    name = "toy_table_debug" if args.debug else "toy_table"
-    runs: list[dict] = []
-    results: dict = {}
+    every: dict[str, dict] = {}
     for b in args.benchmarks:
+        started, epochs, runs = time.perf_counter(), args.epochs or EPOCHS[b], []
+        name = f"toy_table_{b}{'_debug' if args.debug else ''}"
         for s in args.seeds:
-            runs.append(run_seed(b, s, args))
+            runs.append(run_seed(b, s, epochs, args))
             # results after every seed: a partial run leaves a partial table
             wall = time.perf_counter() - started
-            summary = summarize(runs, args.benchmarks, args.methods)
-            md = markdown(runs, summary, args, wall)
-            results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                       "complete": len(runs) == len(args.benchmarks) * len(args.seeds),
-                       "wall_seconds": round(wall, 1), "summary": summary, "runs": runs}
-            json_path, md_path = write_results(args.out, name, results, md)
-    print(md)
-    print(f"wrote {json_path} and {md_path}")
-    return results
+            summary = summarize(runs, [b], args.methods)
+            md = markdown(runs, summary, epochs, wall)
+            every[b] = {"args": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                 "benchmarks": [b], "epochs": epochs},
+                        "complete": len(runs) == len(args.seeds), "wall_seconds": round(wall, 1),
+                        "summary": summary, "runs": runs}
+            json_path, md_path = write_results(args.out, name, every[b], md)
+        print(md)
+        print(f"wrote {json_path} and {md_path}")
+    return every
 
 
 if __name__ == "__main__":

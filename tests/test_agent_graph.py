@@ -27,28 +27,10 @@ from aspire.config import load_config
 from aspire.data.formats import load_dataset
 from aspire.schemas import Edit, Probe
 from aspire.store import RunStore
+from known_classifier import RedMeansWidget
 
 SIZE = 64
 N = 16  # images per class
-
-
-class RedMeansWidget:
-    """A classifier with a known rule: red pixels mean "widget" (class 1)."""
-
-    class_names = ["gizmo", "widget"]
-    num_classes = 2
-    arch = "smallcnn"
-    input_size = 32
-    train_info = {"epochs": 1, "batch_size": 16, "lr": 0.05, "weight_decay": 5e-4, "augment": False}
-
-    def predict_proba(self, images, batch_size=64):
-        out = []
-        for im in images:
-            a = np.asarray(im.convert("RGB")).astype(int)
-            red = ((a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 80)).mean()
-            p = 0.95 if red > 0.005 else 0.05
-            out.append([1 - p, p])
-        return np.array(out, dtype=np.float32)
 
 
 def _box(y0, x0, h, w):
@@ -105,7 +87,7 @@ def make_ctx(world: Path, run_dir: Path, planner=None, **agent: Any):
     store.set_meta("kind", "audit")
     store.set_meta("args", {"data": str(world), "format": "waterbirds", "model": str(world / "model.pt"),
                             "classes": None, "seed": 0, "attr": None, "target": None})
-    return audit_context(load_dataset(world), RedMeansWidget(), cfg, store, model_path=str(world / "model.pt"),
+    return audit_context(load_dataset(world), RedMeansWidget(min_red=0.005), cfg, store, model_path=str(world / "model.pt"),
                          planner=planner or OfflinePlanner())
 
 

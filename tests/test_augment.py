@@ -7,7 +7,6 @@ import csv
 import errno
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from aspire.errors import AspireError, DataError
 from aspire.schemas import Finding, PhraseSet, Sample
 from aspire.store import RunStore
 from aspire.tools import lexicon
+from cli_main import run_main
 
 pytestmark = pytest.mark.slow
 IMAGES = 12  # per class
@@ -52,18 +52,6 @@ def run(tmp_path_factory):
     return root
 
 
-def main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The console script's real path: main() with its error table and exit codes."""
-    monkeypatch.setattr(sys, "argv", ["aspire", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def config(root: Path, **augment):
     cfg = run_config(root / "run", root / "augment.json")
     for k, v in augment.items():
@@ -90,7 +78,7 @@ def reference(run, tmp_path_factory):
 # ---------------------------------------------------------------- the CLI end to end
 def test_cli_augment_end_to_end(run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "aug"
-    code, stdout, stderr = main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out", str(out),
+    code, stdout, stderr = run_main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out", str(out),
                                 "--config", str(run / "augment.json"), "--json")
     assert code == 0, stderr
     result = json.loads(stdout)
@@ -116,7 +104,7 @@ def test_cli_augment_end_to_end(run, tmp_path, monkeypatch, capsys):
     assert store.get_meta("augmented") == {"dir": str(out), "n_images": 2 * IMAGES, "per_class": result["per_class"],
                                            "manifest": str(out / "manifest.json"), "generator": result["generator"]}
     # human output; and the same commit again is verified and reused, not rewritten
-    code, stdout, _ = main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out", str(out),
+    code, stdout, _ = run_main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out", str(out),
                            "--config", str(run / "augment.json"))
     assert code == 0 and "already committed" in stdout and "landbird" in stdout
 
@@ -161,7 +149,7 @@ def test_same_inputs_and_seed_give_byte_identical_sets(reference, run, tmp_path)
 def test_an_existing_output_is_never_overwritten(reference, run, monkeypatch, capsys):
     ref, _ = reference
     before = files(ref)
-    code, stdout, stderr = main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out", str(ref),
+    code, stdout, stderr = run_main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out", str(ref),
                                 "--config", str(run / "augment.json"), "--seed", "7")
     assert code == 1 and stdout == ""
     assert stderr.strip().count("\n") == 0 and "already exists" in stderr and "never overwrites" in stderr
@@ -207,7 +195,7 @@ def test_disk_full_or_permission_denied_leaves_nothing_and_one_line(run, tmp_pat
 
     monkeypatch.setattr(augment, "_write_file", failing)
     out = tmp_path / "aug"
-    code, stdout, stderr = main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out", str(out),
+    code, stdout, stderr = run_main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out", str(out),
                                 "--config", str(run / "augment.json"))
     assert code == 1 and message in stderr and "Traceback" not in stderr
     assert len([ln for ln in stderr.splitlines() if ln.startswith("error:")]) == 1
@@ -368,7 +356,7 @@ def test_read_only_parent_folder_is_one_line_permission_denied(run, tmp_path, mo
     parent.mkdir()
     parent.chmod(0o555)
     try:
-        code, _, stderr = main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out",
+        code, _, stderr = run_main(monkeypatch, capsys, "augment", "--run-dir", str(run / "run"), "--out",
                                str(parent / "aug"), "--config", str(run / "augment.json"))
     finally:
         parent.chmod(0o755)

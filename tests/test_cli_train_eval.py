@@ -1,7 +1,6 @@
 """`aspire train` and `aspire eval`: CliRunner for the happy path, main() for exit codes and one-line errors."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aspire import cli
+from cli_main import run_main
 
 
 def write_waterbirds(root: Path, n: int = 48, size: int = 32) -> Path:
@@ -27,18 +27,6 @@ def write_waterbirds(root: Path, n: int = 48, size: int = 32) -> Path:
     (root / "metadata.csv").write_text("\n".join(rows) + "\n")
     (root / "classes.txt").write_text("landbird\nwaterbird\n")
     return root
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The console script's real path: main() with its error table and exit codes."""
-    monkeypatch.setattr(sys, "argv", ["aspire", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ def test_erm_eval_debug(workdir):
     assert 0 <= run["worst_group_accuracy"] <= run["average_accuracy"] <= 1
     saved = json.loads((out / "erm_debug.json").read_text())
     assert saved["summary"]["toy-waterbirds"]["average_accuracy"]["mean"] == pytest.approx(run["average_accuracy"])
-    assert "| toy-waterbirds | 1 |" in (out / "erm_debug.md").read_text()
+    assert "| toy-waterbirds | 1 | 1 |" in (out / "erm_debug.md").read_text()   # epochs, seeds
 
 
 def test_discovery_eval_debug(workdir):

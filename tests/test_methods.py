@@ -4,7 +4,6 @@ Unit tests on the pieces with known answers (GroupDRO's weights, JTT's upsamplin
 last layer on constructed features), then every method end to end on a tiny planted-group dataset."""
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from aspire.models.classifier import Classifier, load_checkpoint
 from aspire.models.methods import (DFR_C_GRID, GroupDROLoss, LastLayerFit, class_weight_grid, fit_last_layer,
                                    group_table, jtt_upsample, subsample_groups, write_head)
 from aspire.schemas import Sample
+from cli_main import run_main
 
 GROUPS_PER_SPLIT = {  # (y, place) -> images: place follows y in 80% of train, balanced in val and test
     "train": {(0, 0): 26, (0, 1): 6, (1, 0): 6, (1, 1): 26},
@@ -69,17 +69,6 @@ def write_augdir(root: Path, per_class: int = 5) -> Path:
             images.append({"img_filename": rel, "y": y, "sha256": sha256_bytes((root / rel).read_bytes())})
     write_set_files(root, ["landbird", "waterbird"], {"format": FORMAT, "version": VERSION, "images": images})
     return root
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["aspire", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 FAST = ["--arch", "smallcnn", "--input-size", "32", "--epochs", "2", "--batch-size", "16", "--seed", "0", "--json"]
@@ -353,3 +342,24 @@ def test_dfr_augment_adds_features_to_the_last_layer_set(planted, augdir, erm_mo
     info = load_checkpoint(tmp_path / "dfr.pt", device="cpu").train_info
     assert info["augmentation"]["n_added"] == 10 and info["dfr"]["n_extra"] == 10
     assert info["dfr"]["n_train_per_refit"] == 32 + 10
+
+
+def test_dfr_augmented_images_weigh_as_one_group_per_class(planted, erm_model, tmp_path):
+    """20 generated images per class join the 4 balanced groups of 8 as 8 per class, not all 40."""
+    big = write_augdir(tmp_path / "big", per_class=20)
+    train(planted, tmp_path / "dfr.pt", "--method", "dfr", "--init", str(erm_model), "--augment", str(big), "--json")
+    info = load_checkpoint(tmp_path / "dfr.pt", device="cpu").train_info
+    assert info["augmentation"]["n_available"] == 40 and info["augmentation"]["per_class_cap"] == 8
+    assert info["augmentation"]["n_added"] == 16 and info["dfr"]["n_extra"] == 16
+    assert info["dfr"]["n_train_per_refit"] == 32 + 16
+
+
+def test_cap_per_class_keeps_order_and_small_classes():
+    from aspire.models.methods import cap_per_class
+    from aspire.schemas import Sample
+
+    samples = [Sample(image=f"i{i}", path=f"i{i}.png", y=int(i >= 3), split="train") for i in range(13)]
+    kept = cap_per_class(samples, 4, seed=0)
+    assert [s.y for s in kept] == [0, 0, 0, 1, 1, 1, 1]              # class 0 (3 images) whole, class 1 capped
+    assert kept == sorted(kept, key=lambda s: int(s.image[1:]))       # the set's order
+    assert kept == cap_per_class(samples, 4, seed=0)                     # seeded

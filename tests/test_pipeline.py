@@ -18,23 +18,9 @@ from aspire.data import load_dataset
 from aspire.pipeline import ProbePipeline
 from aspire.schemas import Edit, Probe
 from aspire.store import RunStore
+from known_classifier import RedMeansWidget
 
 SIZE = 64
-
-
-class RedMeansWidget:
-    """A classifier with a known rule: the share of red pixels decides "widget" (class 1)."""
-
-    class_names = ["gizmo", "widget"]
-
-    def predict_proba(self, images, batch_size=64):
-        out = []
-        for im in images:
-            a = np.asarray(im.convert("RGB")).astype(int)
-            red = ((a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 80)).mean()
-            p_widget = 0.95 if red > 0.01 else 0.05
-            out.append([1 - p_widget, p_widget])
-        return np.array(out, dtype=np.float32)
 
 
 def _square(y0, x0, h, w):
@@ -78,7 +64,7 @@ def make_world(root: Path, n_per_class: int = 12, seed: int = 0) -> Path:
             entry["regions"].append({"phrase": phrase, "mask": mpath})
         ann.append(entry)
         rows.append(f"{name},{y},0")
-    rows.append(f"images/000.png,0,2")
+    rows.append("images/000.png,0,2")
     (root / "metadata.csv").write_text("\n".join(rows) + "\n")
     (root / "classes.txt").write_text("gizmo\nwidget\n")
     (root / "annotations.jsonl").write_text("\n".join(json.dumps(a) for a in ann) + "\n")

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 def test_debug_run_writes_every_cell(tmp_path):
     out = tmp_path / "results"
     results = toy_table_eval.main(["--debug", "--benchmarks", "toy-waterbirds", "--workdir", str(tmp_path / "work"),
-                                   "--out", str(out)])
-    saved = json.loads((out / "toy_table_debug.json").read_text())
+                                   "--out", str(out)])["toy-waterbirds"]
+    saved = json.loads((out / "toy_table_toy-waterbirds_debug.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(results["summary"])) and saved["complete"]
     assert saved["args"]["seeds"] == [0] and saved["args"]["epochs"] == toy_table_eval.DEBUG_EPOCHS
     # every (method, augmentation) cell of the one seed, with accuracies in [0, 1]
@@ -37,7 +37,7 @@ def test_debug_run_writes_every_cell(tmp_path):
         list(toy_table_eval.ASPIRE_SELECTS[:toy_table_eval.ASPIRE_SELECTS.index(sets["aspire"]["select"])])
     assert sets["generic"]["per_class"] == sets["aspire"]["per_class"] and sets["generic"]["counts_from"] == "aspire"
     # the Markdown table: one row per method, a column per augmentation for both accuracies
-    md = (out / "toy_table_debug.md").read_text()
+    md = (out / "toy_table_toy-waterbirds_debug.md").read_text()
     assert "### toy-waterbirds" in md and "n/a" not in md
     for aug in toy_table_eval.AUGMENTATIONS:
         assert f"worst-group % ({aug})" in md and f"average % ({aug})" in md
@@ -47,5 +47,5 @@ def test_debug_run_writes_every_cell(tmp_path):
     assert f"augment.select = {sets['aspire']['select']}" in md
     # a re-run resumes from the cache: the same numbers
     again = toy_table_eval.main(["--debug", "--benchmarks", "toy-waterbirds", "--workdir", str(tmp_path / "work"),
-                                 "--out", str(out)])
+                                 "--out", str(out)])["toy-waterbirds"]
     assert again["summary"] == results["summary"]

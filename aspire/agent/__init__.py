@@ -147,9 +147,13 @@ def run_audit(ctx: AuditContext, approve: Optional[Approver] = None) -> AuditRes
     with checkpointer(store.run_dir) as saver:
         graph = build_graph(saver)
         snapshot = graph.get_state(config)
-        if snapshot.values and not snapshot.next:   # finished before
+        if (store.get_meta("audit") or {}).get("status") == "done":
             return AuditResult(store.run_dir, "done", sorted_findings(store), dict(snapshot.values))
-        todo: Any = None if snapshot.next else AuditState(round=0, spurious=[], unchanged_rounds=0)
+        # Not started, or killed right after its input checkpoint (which LangGraph does not resume): start.
+        # Otherwise continue from the last checkpoint (a graph that ended before its status was recorded
+        # returns at once).
+        fresh = snapshot.created_at is None or (snapshot.metadata or {}).get("source") == "input"
+        todo: Any = AuditState(round=0, spurious=[], unchanged_rounds=0) if fresh else None
         while True:
             result = graph.invoke(todo, config, context=ctx, durability="sync")
             pending = result.get("__interrupt__") if isinstance(result, dict) else None

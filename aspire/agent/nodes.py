@@ -12,7 +12,6 @@ LangGraph runs an interrupted node again from its start on resume.
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -470,18 +469,9 @@ def evaluate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
 
 def report(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     """The HTML / Markdown / JSON report from the run store (aspire.report)."""
-    store = runtime.context.pipeline.store
-    try:
-        module = importlib.import_module("aspire.report")
-    except ModuleNotFoundError as e:
-        if e.name != "aspire.report":
-            raise
-        module = None
-    build = getattr(module, "build_report", None)
-    if build is None:
-        _stage(store, "report", reason="skipped: aspire.report.build_report is not available")
-        return {"report": {}}
-    paths = build(store.run_dir)
+    from aspire.report import build_report
+
+    paths = build_report(runtime.context.pipeline.store.run_dir)
     return {"report": {k: str(v) for k, v in paths.items()}}
 
 

@@ -54,7 +54,7 @@ class AuditState(TypedDict, total=False):
     augmented: Optional[dict[str, Any]]                     # {dir, n_images, per_class}
     models: Optional[dict[str, str]]                        # {before, after} checkpoint paths
     accuracy: Optional[dict[str, Any]]                      # {split, before, after}: worst-group and average
-    report: Optional[dict[str, str]]                        # {html, md, json} paths, or {} when skipped
+    report: Optional[dict[str, str]]                        # {html, md, json} paths
 
 
 @dataclass

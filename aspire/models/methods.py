@@ -35,7 +35,10 @@ Methods and settings (defaults here; the papers' Waterbirds values in brackets):
             config, coefficients averaged. The standardisation is folded into the weights, written into
             `clf.head` (binary: logits [-z/2, z/2], softmax = the logistic model), so the result is an
             ordinary checkpoint. Augmented images' features join every last-layer training set (ASPIRE's
-            "group-balanced subset + augmented features"), never the tuning score.
+            "group-balanced subset + augmented features"), never the tuning score, as one extra group per
+            class, (y, synthetic), of the balanced groups' size (a seeded subsample): hundreds of generated
+            images of one class would otherwise outweigh the few dozen real images per group that DFR
+            balances.
 - subg      Idrissi et al. 2022: every (class, attribute) group of the training split subsampled at random
             to the smallest group's size, then ERM; selection by validation worst-group accuracy.
             Synthetic images are added after the subsampling.
@@ -497,6 +500,16 @@ def _subg(train, val, build, optim, augmentation) -> Classifier:
     return clf
 
 
+def cap_per_class(samples: list[Sample], cap: int, seed: int) -> list[Sample]:
+    """At most `cap` samples of each class, drawn by `seed` (kept in their order)."""
+    by_class: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(s.y, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep = sorted(i for idx in by_class.values() for i in (idx if len(idx) <= cap else rng.choice(idx, cap, replace=False)))
+    return [samples[i] for i in keep]
+
+
 def _dfr(dataset, val, build, optim, settings, augmentation, init) -> Classifier:
     # 1. the frozen model: --init, else ERM on the real training split
     if init is None:
@@ -515,9 +528,12 @@ def _dfr(dataset, val, build, optim, settings, augmentation, init) -> Classifier
     x_extra, y_extra, aug_info = None, None, {}
     if augmentation is not None:
         counts = Counter(g_val)
-        balanced = [s for g in sorted(counts) for s in [v for v, gv in zip(val, g_val) if gv == g][:min(counts.values())]]
+        group_size = min(counts.values())
+        balanced = [s for g in sorted(counts) for s in [v for v, gv in zip(val, g_val) if gv == g][:group_size]]
         mixed, aug_info = _mix(balanced, augmentation, optim.seed)
-        chosen = [s for s in mixed if s.attr is None]  # validation images all have one (require_groups)
+        generated = [s for s in mixed if s.attr is None]  # validation images all have one (require_groups)
+        chosen = cap_per_class(generated, group_size, optim.seed)
+        aug_info["augmentation"].update(n_added=len(chosen), per_class_cap=group_size)
         x_extra, y_extra = extract_features(clf, chosen, device=optim.device), [s.y for s in chosen]
     # 3. fit the last layer and write it into the head
     fit = fit_last_layer(x_val, [s.y for s in val], g_val, num_classes=clf.num_classes, x_extra=x_extra,

@@ -21,6 +21,7 @@ and generic (sea/ocean, road/street, ...); they are not tuned to any benchmark.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from typing import Optional
@@ -193,13 +194,14 @@ def split_compound(word: str) -> Optional[tuple[str, str]]:
     return None
 
 
-def _canonical_words(phrase: str) -> list[str]:
+@functools.lru_cache(maxsize=1 << 16)   # pure, and called O(phrases²) times by merging and donor search
+def _canonical_words(phrase: str) -> tuple[str, ...]:
     words = [lemma(w) for w in normalize(phrase).split() if w not in DETERMINERS]
     text = " ".join(words)
     for member, root in _SYNONYM_OF.items():  # multi-word synonyms first ("sandy beach")
         if " " in member and re.search(rf"\b{re.escape(member)}\b", text):
             text = re.sub(rf"\b{re.escape(member)}\b", root, text)
-    return [_SYNONYM_OF.get(w, w) for w in text.split()]
+    return tuple(_SYNONYM_OF.get(w, w) for w in text.split())
 
 
 def canonical(phrase: str) -> str:
