@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, TypeVar
+import contextlib
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
@@ -24,6 +25,27 @@ def pick_device(preferred: Optional[str] = None) -> torch.device:
 def pick_dtype(device: torch.device) -> torch.dtype:
     """Half precision on GPU, full precision on CPU."""
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def pixel_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a vision model's pixel values must have: that of its first convolution (the patch
+    embedding). A transformers model's own `.dtype` can name a part kept in float32 in a half-precision
+    model (BLIP-2's Q-Former, SAM's positional embedding)."""
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return conv.weight.dtype if conv is not None else next(model.parameters()).dtype
+
+
+@contextlib.contextmanager
+def deterministic_cudnn() -> Iterator[None]:
+    """cuDNN's deterministic kernels for the block (seeded training gives the same weights on a GPU too);
+    the previous flags are restored after it."""
+    backend = torch.backends.cudnn
+    saved = (backend.deterministic, backend.benchmark)
+    backend.deterministic, backend.benchmark = True, False
+    try:
+        yield
+    finally:
+        backend.deterministic, backend.benchmark = saved
 
 
 def is_oom(error: BaseException) -> bool:

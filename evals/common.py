@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -27,6 +28,13 @@ def eval_parser(doc: str, debug_help: str) -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("evals/results"))
     ap.add_argument("--debug", action="store_true", help=debug_help)
     return ap
+
+
+def device_name() -> str:
+    """Where the models of this run train: the GPU's name, else the CPU's core count."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
 
 def toy_data(bench: str, seed: int, workdir: Path, debug: bool) -> Path:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from evals.common import EPOCHS, erm_model, eval_parser, fmt, markdown_table, mean_std, toy_data, write_results
+from evals.common import EPOCHS, device_name, erm_model, eval_parser, fmt, markdown_table, mean_std, toy_data, write_results
 from evals.erm_eval import GROUP_ATTR
 
 METHODS = ("erm", "groupdro", "jtt", "dfr", "subg")
@@ -175,7 +175,7 @@ def run_seed(bench: str, seed: int, epochs: int, args: argparse.Namespace) -> di
             cells[method][aug] = cell
             log(f"{bench} seed {seed}: {method} + {aug}: worst-group {cell['worst_group_accuracy']:.3f}, "
                 f"average {cell['average_accuracy']:.3f} ({cell['train_seconds']} s)")
-    return {"benchmark": bench, "seed": seed, "probe": probe, "sets": sets, "cells": cells,
+    return {"benchmark": bench, "seed": seed, "device": device_name(), "probe": probe, "sets": sets, "cells": cells,
             "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -213,7 +213,7 @@ def markdown(runs: list[dict], summary: dict, epochs: int, wall_seconds: float) 
                     aspire += f" (fallback: nothing under {tried})"
             md += (f"- seed {r['seed']}: {aspire}; generic: {g['n_images']} images {g['per_class']}; probe "
                    f"{r['probe']['findings']} findings, {r['probe']['spurious']} spurious; wall "
-                   f"{r['wall_seconds'] / 60:.1f} min\n")
+                   f"{r['wall_seconds'] / 60:.1f} min on {r.get('device', 'cpu')}\n")
         md += "\n"
     md += (f"Mean ± std over seeds, in %. none: the real training split only; generic: the class's hold-out images "
            f"recombined onto backgrounds of its own training images (no spurious feature targeted; same images per "
@@ -222,13 +222,39 @@ def markdown(runs: list[dict], summary: dict, epochs: int, wall_seconds: float) 
     return md
 
 
+def merge(files: list[Path], out: Path) -> dict:
+    """One benchmark's table from results files holding different seeds of it (same epochs and methods)."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    keys = {(p["args"]["benchmarks"][0], p["args"]["epochs"], tuple(p["args"]["methods"])) for p in parts}
+    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in runs]
+    if len(keys) != 1 or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: the files must hold one benchmark, epochs and methods, each seed once "
+                         f"(got {sorted(keys)}, seeds {seeds})")
+    (bench, epochs, methods), = keys
+    wall = sum(p["wall_seconds"] for p in parts)
+    summary = summarize(runs, [bench], list(methods))
+    results = {"args": {**parts[0]["args"], "seeds": seeds, "merged_from": [str(f) for f in files]},
+               "complete": all(p["complete"] for p in parts), "wall_seconds": wall, "summary": summary, "runs": runs}
+    md = markdown(runs, summary, epochs, wall)
+    json_path, md_path = write_results(out, f"toy_table_{bench}", results, md)
+    print(md)
+    print(f"wrote {json_path} and {md_path}")
+    return {bench: results}
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = eval_parser(__doc__, f"tiny data, 1 seed, {DEBUG_EPOCHS} epochs, {DEBUG_IMAGES_PER_CLASS} generated "
                      "images per class, JTT lambda and DFR refits cut")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--images-per-class", type=int, default=None,
                     help="offline generator's images per class (default: the generator's, 800; --debug: 40)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS_JSON",
+                    help="combine the seeds of results files of one benchmark (seeds run on separate machines) "
+                         "into --out; trains nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.debug:
         args.seeds, args.epochs = args.seeds[:1], args.epochs or DEBUG_EPOCHS
         args.images_per_class = args.images_per_class or DEBUG_IMAGES_PER_CLASS

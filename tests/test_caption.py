@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 
 from aspire.config import CaptionSettings
+from aspire.devices import pick_dtype
 from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError
 from aspire.schemas import Caption, Sample
 from aspire.prompts import render_prompt
 from aspire.tools.caption import Captioner, as_tool, strip_prompt
 from llm_server import LoopbackLLM, content
 from tiny_caption import build_tiny_blip, build_tiny_blip2, build_tiny_git
+from target_device import DEVICE
 
 BUILDERS = {"git": build_tiny_git, "blip": build_tiny_blip, "blip2": build_tiny_blip2}
 
@@ -35,7 +37,7 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def _settings(model_dir: Path, **kw) -> CaptionSettings:
-    return CaptionSettings(backend="transformers", model_id=str(model_dir), max_new_tokens=4, device="cpu", **kw)
+    return CaptionSettings(backend="transformers", model_id=str(model_dir), max_new_tokens=4, device=DEVICE, **kw)
 
 
 # ---------------------------------------------------------------- transformers backend
@@ -47,7 +49,9 @@ def test_transformers_captions_each_family(tiny_models, family):
     assert [c.image for c in out] == [f"img{i}.png" for i in range(5)]
     assert all(isinstance(c, Caption) and isinstance(c.caption, str) for c in out)
     assert {c.backend for c in out} == {"transformers"} and {c.model_id for c in out} == {str(tiny_models[family])}
-    assert cap.model is not None and cap.model.device.type == "cpu" and cap.model.dtype == torch.float32
+    assert cap.model is not None and cap.model.device.type == DEVICE
+    # loaded in float32 on CPU, half on a GPU (BLIP-2 keeps its Q-Former in float32), pixels cast to match
+    assert pick_dtype(torch.device(DEVICE)) in {p.dtype for p in cap.model.parameters()}
 
 
 @pytest.mark.parametrize("family", ["git", "blip", "blip2"])

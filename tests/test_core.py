@@ -48,3 +48,30 @@ def test_config_precedence_and_validation(tmp_path, monkeypatch):
         load_config(None, {"ground": {"box_threshold": 2}})
     with pytest.raises(ConfigError, match="missing"):
         load_config(tmp_path / "none.toml")
+
+
+def test_pixel_dtype_follows_the_first_convolution_not_the_first_parameter():
+    import torch
+
+    from aspire.devices import pixel_dtype
+
+    class HalfVisionModel(torch.nn.Module):   # a part kept in float32 comes first, as in BLIP-2 / SAM
+        def __init__(self):
+            super().__init__()
+            self.kept_in_float32 = torch.nn.Parameter(torch.zeros(4))
+            self.patch_embed = torch.nn.Conv2d(3, 8, 4).to(torch.float16)
+
+    model = HalfVisionModel()
+    assert next(model.parameters()).dtype == torch.float32 and pixel_dtype(model) == torch.float16
+    assert pixel_dtype(torch.nn.Linear(2, 2).to(torch.bfloat16)) == torch.bfloat16   # no convolution
+
+
+def test_deterministic_cudnn_restores_the_flags():
+    import torch
+
+    from aspire.devices import deterministic_cudnn
+
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    with deterministic_cudnn():
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == before

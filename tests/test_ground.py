@@ -9,13 +9,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aspire.config import GroundSettings
 from aspire.data.images import load_mask, save_mask
 from aspire.errors import ConfigError, DataError, ModelLoadError
+from aspire.devices import pixel_dtype
 from aspire.tools.ground import Grounder, as_tool, detector_prompt, dilate, mask_box_xyxy_px, mask_filename
 from tiny_ground import build_tiny_gdino, build_tiny_sam
+from target_device import DEVICE
 
 W, H = 80, 60  # not square, not SAM's 64 px: exercises resizing back to the image size
 
@@ -40,7 +43,7 @@ def tiny_models(tmp_path_factory):
 
 def _model_grounder(tiny_models, **kw) -> Grounder:
     gdino, sam = tiny_models
-    settings = dict(backend="transformers", detector_id=gdino, segmenter_id=sam, device="cpu", dilation_reference_px=None)
+    settings = dict(backend="transformers", detector_id=gdino, segmenter_id=sam, device=DEVICE, dilation_reference_px=None)
     return Grounder(GroundSettings(**(settings | kw)))
 
 
@@ -69,12 +72,23 @@ def test_transformers_end_to_end(tiny_models, tmp_path):
     (boxes, _), = g.detect(image, [r.phrase])
     assert np.allclose(np.round(boxes, 2), r.box_xyxy_px)
     sam_inputs = g.segmenter_processor(images=image, input_boxes=[boxes.tolist()], return_tensors="pt")
-    embeddings = g.segmenter.get_image_embeddings(sam_inputs["pixel_values"])
-    masks = g.segment(embeddings, sam_inputs, range(len(boxes))).numpy()
+    pixels = sam_inputs["pixel_values"].to(g.device, dtype=pixel_dtype(g.segmenter))
+    embeddings = g.segmenter.get_image_embeddings(pixels)
+    masks = g.segment(embeddings, sam_inputs, range(len(boxes))).cpu().numpy()
     assert masks.shape == (len(boxes), H, W) and masks.dtype == bool
     union = masks.any(axis=0)
     assert union.sum() > masks.sum(axis=(1, 2)).max()  # the boxes' masks differ: the union is not one of them
     assert np.array_equal(_png_mask(r.mask_png), union)
+
+
+def test_half_precision_segmenter_gets_half_pixels(tiny_models, tmp_path, monkeypatch):
+    """The GPU path (pick_dtype -> float16) on CPU: SAM's pixels take its convolutions' dtype. (On CUDA the
+    float16 SamModel's `.dtype` said float32 and the old cast crashed; ASPIRE_TEST_DEVICE=cuda checks that.)"""
+    monkeypatch.setattr("aspire.devices.pick_dtype", lambda device: torch.float16)
+    g = _model_grounder(tiny_models, box_threshold=0.0, text_threshold=0.0, dilation_px=0)
+    regions = g.ground("a.png", _image(), ["dog"], tmp_path / "masks")
+    assert torch.float16 in {p.dtype for p in g.segmenter.parameters()} and pixel_dtype(g.segmenter) == torch.float16
+    assert len(regions) == 1 and regions[0].scores
 
 
 def test_transformers_dilation_grows_the_same_union(tiny_models, tmp_path):
@@ -99,13 +113,13 @@ def test_transformers_threshold_one_grounds_nothing(tiny_models, tmp_path):
 def test_unloadable_model_raises_model_load_error(tiny_models, tmp_path):
     gdino, sam = tiny_models
     missing = str(tmp_path / "no-such-model")
-    g = Grounder(GroundSettings(backend="transformers", detector_id=missing, segmenter_id=sam, device="cpu"))
+    g = Grounder(GroundSettings(backend="transformers", detector_id=missing, segmenter_id=sam, device=DEVICE))
     with pytest.raises(ModelLoadError, match="no-such-model"):
         g.ground("x.png", _image(), ["dog"], tmp_path)
-    g = Grounder(GroundSettings(backend="transformers", detector_id=gdino, segmenter_id=gdino, device="cpu"))
+    g = Grounder(GroundSettings(backend="transformers", detector_id=gdino, segmenter_id=gdino, device=DEVICE))
     with pytest.raises(ModelLoadError, match="not a SAM model"):
         g.load()
-    g = Grounder(GroundSettings(backend="transformers", detector_id=sam, segmenter_id=sam, device="cpu"))
+    g = Grounder(GroundSettings(backend="transformers", detector_id=sam, segmenter_id=sam, device=DEVICE))
     with pytest.raises(ModelLoadError, match="not a GroundingDINO model"):
         g.load()
 

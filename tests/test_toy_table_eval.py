@@ -49,3 +49,18 @@ def test_debug_run_writes_every_cell(tmp_path):
     again = toy_table_eval.main(["--debug", "--benchmarks", "toy-waterbirds", "--workdir", str(tmp_path / "work"),
                                  "--out", str(out)])["toy-waterbirds"]
     assert again["summary"] == results["summary"]
+
+    # seeds run on separate machines merge into one table; a seed given twice is refused
+    other = json.loads(json.dumps(saved))
+    other["runs"][0]["seed"] = 1
+    other["runs"][0]["cells"]["erm"]["none"]["worst_group_accuracy"] = 1.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    parts = [str(out / "toy_table_toy-waterbirds_debug.json"), str(tmp_path / "other.json")]
+    merged = toy_table_eval.main(["--merge", *parts, "--out", str(tmp_path / "merged")])["toy-waterbirds"]
+    assert merged["args"]["seeds"] == [0, 1] and [r["seed"] for r in merged["runs"]] == [0, 1]
+    erm = merged["summary"]["toy-waterbirds"]["erm"]["none"]["worst_group_accuracy"]
+    assert erm["n"] == 2 and erm["mean"] == pytest.approx((run["cells"]["erm"]["none"]["worst_group_accuracy"] + 1) / 2)
+    assert json.loads((tmp_path / "merged" / "toy_table_toy-waterbirds.json").read_text())["summary"] == merged["summary"]
+    with pytest.raises(SystemExit, match="each seed once"):
+        toy_table_eval.main(["--merge", str(tmp_path / "other.json"), str(tmp_path / "other.json"),
+                             "--out", str(tmp_path / "twice")])

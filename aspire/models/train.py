@@ -6,7 +6,8 @@ losses, JTT's upweighting), `select_by="worst_group"` (selection with validation
 samples passed in (SUBG's subsampling, JTT's upsampled error set, augmented images).
 
 Images are decoded and resized once (uint8, in memory when the split is small), then augmented and
-normalised per batch on the training device. Deterministic given `seed` on CPU.
+normalised per batch on the training device. Deterministic given `seed` (on a GPU with cuDNN's deterministic
+kernels).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from aspire.data.images import load_image
-from aspire.devices import pick_device
+from aspire.devices import deterministic_cudnn, pick_device
 from aspire.errors import ConfigError, DataError
 from aspire.models.classifier import Classifier, resize_to_uint8
 from aspire.schemas import Sample
@@ -190,7 +191,7 @@ def train_classifier(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     started = time.time()
-    with Progress(*columns, console=_console, disable=not progress) as bar:
+    with Progress(*columns, console=_console, disable=not progress) as bar, deterministic_cudnn():
         size = clf.input_size
         cache = should_cache(len(train_samples) + len(val_samples), size)
         train_set = ResizedImages(train_samples, size, cache=cache, progress=bar, label="training images")

@@ -200,9 +200,11 @@ class Captioner:
     def _caption_batch(self, batch: list[tuple[str, Any]]) -> list[Caption]:
         import torch
 
+        from aspire.devices import pixel_dtype
+
         # 1. load and preprocess: pixel_values (B, 3, H, W) in the model's dtype
         images = [self._load_rgb(image) for _, image in batch]
-        inputs = self._model_inputs(images).to(self.device, dtype=self.model.dtype)
+        inputs = self._model_inputs(images).to(self.device, dtype=pixel_dtype(self.model))
         # 2. greedy decoding, as the released code: ids (B, T)
         with torch.inference_mode():
             ids = self.model.generate(**inputs, max_new_tokens=self.settings.max_new_tokens,

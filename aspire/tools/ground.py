@@ -265,7 +265,7 @@ class Grounder:
     def _model_hits(self, image: Image.Image, phrases: list[str]) -> dict[str, _Hits]:
         import torch
 
-        from aspire.devices import map_batches
+        from aspire.devices import map_batches, pixel_dtype
 
         self.load()
         s = self.settings
@@ -276,7 +276,7 @@ class Grounder:
             return {p: _Hits(reason=f"no box scored above box_threshold {s.box_threshold}") for p in phrases}
         # 2. SAM image embedding, once for all phrases: (1, C, e, e)
         sam_inputs = self.segmenter_processor(images=image, input_boxes=[all_boxes], return_tensors="pt")
-        pixel_values = sam_inputs["pixel_values"].to(self.device, dtype=self.segmenter.dtype)  # (1, 3, S, S)
+        pixel_values = sam_inputs["pixel_values"].to(self.device, dtype=pixel_dtype(self.segmenter))  # (1, 3, S, S)
         with torch.inference_mode():
             embeddings = self.segmenter.get_image_embeddings(pixel_values)
         # 3. per phrase: one mask per box, their union
