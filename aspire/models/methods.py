@@ -37,8 +37,7 @@ Methods and settings (defaults here; the papers' Waterbirds values in brackets):
             ordinary checkpoint. Augmented images' features join every last-layer training set (ASPIRE's
             "group-balanced subset + augmented features"), never the tuning score, as one extra group per
             class, (y, synthetic), of the balanced groups' size (a seeded subsample): hundreds of generated
-            images of one class would otherwise outweigh the few dozen real images per group that DFR
-            balances.
+            images of one class would otherwise outweigh the real groups that DFR balances.
 - subg      Idrissi et al. 2022: every (class, attribute) group of the training split subsampled at random
             to the smallest group's size, then ERM; selection by validation worst-group accuracy.
             Synthetic images are added after the subsampling.
@@ -506,8 +505,8 @@ def cap_per_class(samples: list[Sample], cap: int, seed: int) -> list[Sample]:
     for i, s in enumerate(samples):
         by_class.setdefault(s.y, []).append(i)
     rng = np.random.default_rng(seed)
-    keep = sorted(i for idx in by_class.values() for i in (idx if len(idx) <= cap else rng.choice(idx, cap, replace=False)))
-    return [samples[i] for i in keep]
+    keep = [i for idx in by_class.values() for i in (idx if len(idx) <= cap else rng.choice(idx, cap, replace=False))]
+    return [samples[i] for i in sorted(keep)]
 
 
 def _dfr(dataset, val, build, optim, settings, augmentation, init) -> Classifier:
