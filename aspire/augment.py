@@ -573,6 +573,9 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
                     say(f"class {sel.class_name!r}: filter dropped {dropped[sel.class_name]}")
             per_class[sel.class_name] = len(class_rows)
             rows += class_rows
+        if not rows:
+            raise DataError(f"{out_dir}: the filter dropped every generated image ({dropped}); nothing committed. "
+                            "Loosen augment.duplicate_rms / augment.outlier_std, or set augment.filter = false")
         for note in notes:
             say(note)
         for name in sorted({r["embedding_file"] for r in rows if "embedding_file" in r}):

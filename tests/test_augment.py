@@ -300,20 +300,59 @@ def test_select_modes_and_the_edit_limit(run):
             assert {f.phrase for f in sel.avoid} >= {f.phrase for f in findings if f.class_index == y and f.spurious}
 
 
-def test_filter_drops_near_duplicates_and_far_images_and_reports_them(run, tmp_path):
-    # thresholds at the extremes make both rules fire; kept + dropped = generated, and the set still verifies
+def test_filter_drops_near_duplicates_and_reports_them(run, tmp_path, monkeypatch):
+    # a near-duplicate threshold at its maximum keeps one image per class; the set still verifies
     strict = augment_run(run / "run", tmp_path / "dup", config(run, filter=True, duplicate_rms=1.0, outlier_std=1e6),
                          seed=0, on_message=lambda m: None)
     assert strict.per_class == {"landbird": 1, "waterbird": 1}
     assert strict.dropped == {n: {"near_duplicate": IMAGES - 1, "far_from_class": 0} for n in strict.per_class}
-    far = augment_run(run / "run", tmp_path / "far", config(run, filter=True, duplicate_rms=0.0, outlier_std=1e-6),
-                      seed=0, on_message=lambda m: None)
-    for name, n in far.per_class.items():
-        d = far.dropped[name]
-        assert d["near_duplicate"] == 0 and d["far_from_class"] > 0 and n + d["far_from_class"] == IMAGES
-    manifest = verify_manifest(tmp_path / "far")
-    assert len(manifest["images"]) == far.n_images and manifest["filter"]["landbird"]["distance_limit"] > 0
-    assert len(load_augmented(tmp_path / "far")) == far.n_images
+    manifest = verify_manifest(tmp_path / "dup")
+    assert len(manifest["images"]) == 2 == len(load_augmented(tmp_path / "dup"))
+
+    # a filter that drops every image: an error that says what to loosen, and nothing committed
+    def drop_all(rows, *args):
+        return [], {"near_duplicate": 0, "far_from_class": len(rows)}, {}
+
+    monkeypatch.setattr("aspire.augment.filter_generated", drop_all)
+    with pytest.raises(DataError, match="dropped every generated image.*outlier_std"):
+        augment_run(run / "run", tmp_path / "none", config(run, filter=True), seed=0, on_message=lambda m: None)
+    assert no_leftovers(tmp_path / "none")
+
+
+class MeanColour:
+    """A classifier stand-in whose feature is the image's mean colour (for the far-from-class filter)."""
+
+    def eval(self):
+        return self
+
+    def preprocess(self, images):
+        import torch
+
+        return torch.tensor(np.array([np.asarray(im, dtype=np.float32).mean((0, 1)) for im in images]))
+
+    def features(self, x):
+        return x
+
+
+def test_far_filter_drops_exactly_the_images_beyond_the_limit(tmp_path):
+    from aspire.augment import filter_generated
+    from aspire.config import AspireConfig
+
+    def save(name: str, level: int) -> Path:
+        path = tmp_path / name
+        Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(path)
+        return path
+
+    real = [Sample(image=f"r{i}.png", path=str(save(f"r{i}.png", level)), y=0, split="train")
+            for i, level in enumerate([90, 100, 110, 120])]       # centroid 105; distances 15√3, 5√3, 5√3, 15√3
+    levels = [105, 112, 150, 60, 98]                               # distances 0, 7√3, 45√3, 45√3, 7√3
+    rows = [{"img_filename": save(f"g{i}.png", v).name} for i, v in enumerate(levels)]
+    cfg = AspireConfig()
+    cfg.augment.duplicate_rms, cfg.augment.outlier_std = 0.0, 1.0   # limit: (10 + 5) √3
+    kept, dropped, info = filter_generated(rows, tmp_path, real, MeanColour(), cfg, seed=0)
+    assert [r["img_filename"] for r in kept] == ["g0.png", "g1.png", "g4.png"]
+    assert dropped == {"near_duplicate": 0, "far_from_class": 2}
+    assert info["distance_limit"] == pytest.approx(15 * np.sqrt(3)) and info["reference_images"] == 4
 
 
 def test_bad_runs(run, tmp_path):
