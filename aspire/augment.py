@@ -66,6 +66,7 @@ from aspire.schemas import Edit, Finding, PhraseSet, Sample
 from aspire.store import RunStore
 from aspire.tools import lexicon
 from aspire.tools.generate import Background, ClassJob, GeneratedImage, Generator, SourceEdit, class_slug, derive_seed
+from aspire.tools.probe import rank_key
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
 RUN_CONCERNS = ("holdout", "caption", "phrases", "ground", "edit", "probe")  # taken from the run's record
@@ -133,10 +134,6 @@ def run_config(run_dir: str | Path, config_file: Optional[str | Path] = None) ->
 
 
 # ---------------------------------------------------------------- 1. selection
-def _strength(f: Finding) -> tuple:
-    return (-f.spurious, -(f.flip_rate - f.control_flip_rate), f.p_value, -f.flip_rate, f.phrase)
-
-
 def finding_key(f: Finding) -> str:
     """The store key of a finding: `class index|kind|phrase`."""
     return f"{f.class_index}|{f.kind}|{f.phrase}"
@@ -154,16 +151,16 @@ def select_edits(store: RunStore, class_names: Sequence[str], class_ids: Sequenc
     selections, skipped = [], {}
     for y in class_ids:
         name = class_names[y]
-        mine = sorted((f for f in findings if f.class_index == y), key=_strength)
-        qualifies = {"spurious": lambda f: f.spurious, "significant": lambda f: f.p_value < config.probe.alpha,
-                     "flipping": lambda f: True, "given": lambda f: finding_key(f) in chosen}[mode]
-        top = [f for f in mine if qualifies(f) and f.flipped_edits]
+        mine = sorted((f for f in findings if f.class_index == y), key=rank_key)
+        qualifies = {"spurious": lambda f: f.spurious, "significant": lambda f: f.q_value < config.probe.alpha,
+                     "flipping": lambda f: bool(f.flipped_edits), "given": lambda f: finding_key(f) in chosen}[mode]
+        top = [f for f in mine if qualifies(f) and f.evidence_edits]
         if not top:
             what = {"spurious": "no spurious phrase group", "significant": "no phrase group flipping significantly "
                     "more often than its controls", "flipping": "no phrase group",
                     "given": "none of the chosen phrase groups"}[mode]
             rule = "chosen groups" if mode == "given" else f"augment.select = {mode}"
-            skipped[name] = (f"{what} with flipped edits ({rule}; {len(mine)} groups probed)"
+            skipped[name] = (f"{what} with edits that lower the class's probability ({rule}; {len(mine)} groups probed)"
                              if mine else "no findings: the class was not probed in this run")
             continue
         edits: list[Edit] = []
@@ -172,7 +169,7 @@ def select_edits(store: RunStore, class_names: Sequence[str], class_ids: Sequenc
             if len(edits) >= limit:
                 break
             used.append(f.phrase)
-            for edit_id in f.flipped_edits:
+            for edit_id in f.evidence_edits:
                 if len(edits) >= limit:
                     break
                 edit = store.get("edit", edit_id, Edit)

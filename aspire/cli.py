@@ -288,13 +288,14 @@ def _findings_table(findings: list, title: str) -> None:
 
     table = Table(title=title, title_justify="left")
     for col, justify in (("class", "left"), ("phrase", "left"), ("kind", "left"), ("edits", "right"),
-                         ("flips", "right"), ("flip rate", "right"), ("control", "right"), ("p-value", "right"),
-                         ("spurious", "left")):
+                         ("effect [95% CI]", "right"), ("q-value", "right"), ("control kind", "left"),
+                         ("flip rate", "right"), ("control", "right"), ("spurious", "left")):
         table.add_column(col, justify=justify)
     for f in findings:
-        table.add_row(f.class_, f.phrase, f.kind, str(f.occurrences), str(f.flips), f"{f.flip_rate:.2f}",
-                      f"{f.control_flip_rate:.2f}", f"{f.p_value:.2g}", "yes" if f.spurious else "",
-                      style="bold" if f.spurious else None)
+        lo, hi = f.effect_ci
+        table.add_row(f.class_, f.phrase, f.kind, str(f.occurrences), f"{f.effect:+.3f} [{lo:+.3f}, {hi:+.3f}]",
+                      f"{f.q_value:.2g}", f.control_kind or "none", f"{f.flip_rate:.2f}",
+                      f"{f.control_flip_rate:.2f}", "yes" if f.spurious else "", style="bold" if f.spurious else None)
     out.print(table)
 
 

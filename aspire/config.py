@@ -24,6 +24,8 @@ class Settings(BaseModel):
 
 class HoldoutSettings(Settings):
     fraction: float = Field(0.2, gt=0, le=1, description="p: share of correctly classified training images probed")
+    min_per_class: int = Field(100, ge=1, description="at least this many per class (when the class has them): "
+                               "a phrase group needs enough paired edits for its test to reach significance")
     max_per_class: int = Field(200, ge=1)
     seed: int = 0
 
@@ -96,8 +98,11 @@ class ProbeSettings(Settings):
     merge_similarity: float = Field(0.7, ge=0, le=1)
     max_edits_per_class: int = Field(35, ge=1, description="flipping edits kept per class for generation")
     min_occurrences: int = Field(3, ge=1)
-    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided test vs the control")
-    min_effect: float = Field(0.2, ge=0, le=1, description="minimum flip rate minus control flip rate")
+    alpha: float = Field(0.05, gt=0, lt=1, description="false-discovery level: a finding needs q_value < alpha")
+    min_effect: float = Field(0.05, ge=0, le=1, description="minimum effect: mean paired drop of the true class's "
+                              "probability, real edit minus its control")
+    background_min_share: float = Field(0.25, gt=0, le=1, description="a region touching three image sides and "
+                                        "covering this share of the pixels outside the label's object is a background")
     seed: int = 0
 
 

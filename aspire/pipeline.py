@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Optional, Sequence
@@ -26,7 +27,8 @@ from aspire.schemas import Caption, Edit, Finding, PhraseSet, Probe, Region, Sam
 from aspire.progress import step_progress
 from aspire.store import RunStore
 from aspire.tools import lexicon
-from aspire.tools.probe import Prediction, Prober, aggregate_findings
+from aspire.tools.ground import region_kind
+from aspire.tools.probe import Prediction, Prober, aggregate_findings, merge_phrase_groups
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
 
@@ -61,6 +63,11 @@ def edit_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def image_size(mask: np.ndarray) -> tuple[int, int]:
+    """(W, H) of a mask (H, W)."""
+    return mask.shape[1], mask.shape[0]
+
+
 def object_phrases(class_name: str) -> list[str]:
     """Phrases that name the label's own object: the class name and its head noun ("waterbird" → "bird")."""
     names = [lexicon.normalize(class_name)]
@@ -89,6 +96,8 @@ class ProbePipeline:
         self.class_ids = self._resolve_classes(classes)
         self.samples = dataset.by_image()
         self._tools: dict[str, object] = {}
+        self._backgrounds: dict[str, Optional[tuple[str, Optional[np.ndarray]]]] = {}
+        self._bg_groups: Optional[dict[str, str]] = None
 
     # ------------------------------------------------------------ helpers
     def _resolve_classes(self, classes: Optional[Sequence[str]]) -> list[int]:
@@ -141,7 +150,8 @@ class ProbePipeline:
             if not pool:
                 raise DataError(f"class {self.class_names[y]!r} has no training images")
             rng.shuffle(pool)
-            want = min(settings.max_per_class, max(1, math.ceil(settings.fraction * len(pool))))
+            want = min(settings.max_per_class, len(pool),
+                       max(1, settings.min_per_class, math.ceil(settings.fraction * len(pool))))
             # Predict in chunks until enough correct images are found: no full pass over a large train set.
             step = max(want, self.config.probe.batch_size)
             kept: list[str] = []
@@ -225,6 +235,55 @@ class ProbePipeline:
             return True
         return any(lexicon.same_phrase(phrase, p, self.config.probe.merge_similarity) for p in only.get(y, ()))
 
+    def _regions(self, sample: Sample, phrases: PhraseSet, candidates: Sequence[str],
+                 log: bool = True) -> list[tuple[str, str, Optional[np.ndarray]]]:
+        """(phrase, kind, mask) of the candidate phrases, the kind decided by the mask's geometry.
+
+        A background the extractor named but grounding did not find keeps its word's kind and no mask (the
+        whole image outside the object changes). Objects that are not grounded are dropped (and logged)."""
+        fg_mask = self.object_mask(sample)
+        out = []
+        for region in self.ground(sample.image, candidates):
+            said = "background" if region.phrase in phrases.background else "foreground"
+            if not region.grounded or not region.mask_png:
+                if said == "background":
+                    out.append((region.phrase, said, None))
+                elif log:
+                    self.store.log_event("not_grounded", {"image": sample.image, "phrase": region.phrase,
+                                                          "reason": region.reason})
+                continue
+            mask = load_mask(region.mask_png)
+            kind = region_kind(mask, fg_mask, self.config.probe.background_min_share)
+            if kind != said and log:
+                self.store.log_event("kind_from_mask", {"image": sample.image, "phrase": region.phrase,
+                                                        "extractor": said, "mask": kind})
+            out.append((region.phrase, kind, mask))
+        return out
+
+    def _background_of(self, key: str) -> Optional[tuple[str, Optional[np.ndarray]]]:
+        """A hold-out image's background: (phrase, region mask or None), the largest background-like region
+        among its phrases, else the extractor's background word; None when it has neither. Cached."""
+        if key not in self._backgrounds:
+            sample = self.samples[key]
+            phrases = self.store.get("phrases", key, PhraseSet)
+            found = None
+            if phrases is not None and not phrases.failed:
+                candidates = [*phrases.foreground, *phrases.background[:1]]
+                regions = [r for r in self._regions(sample, phrases, candidates, log=False) if r[1] == "background"]
+                regions.sort(key=lambda r: -1 if r[2] is None else -int(r[2].sum()))
+                if regions:
+                    found = (regions[0][0], regions[0][2])
+            self._backgrounds[key] = found
+        return self._backgrounds[key]
+
+    def _background_group(self, phrase: str) -> str:
+        """The merged group of a background phrase among the hold-out's backgrounds (as the findings merge)."""
+        if self._bg_groups is None:
+            names = [b[0] for k in self.store.get_meta("holdout", []) if (b := self._background_of(k)) is not None]
+            self._bg_groups = merge_phrase_groups(names, self.config.probe.merge_similarity, by_scene=True)
+        key = lexicon.normalize(phrase)
+        return self._bg_groups.get(key, key)
+
     def _edit_image(self, sample: Sample, phrases: Optional[PhraseSet], only, all_sets: dict[str, PhraseSet]) -> None:
         if phrases is None or phrases.failed:
             return
@@ -232,52 +291,106 @@ class ProbePipeline:
         out_dir = self.store.folder("edits")
         image = load_image(sample.path)
         edits: list[Edit] = []
-
-        # 4a. foreground removal, and a control of the same area elsewhere
-        foreground = [p for p in phrases.foreground if self._wanted(p, sample.y, only)]
-        for region in self.ground(sample.image, foreground):
-            if not region.grounded:
-                self.store.log_event("not_grounded", {"image": sample.image, "phrase": region.phrase,
-                                                      "reason": region.reason})
-                continue
-            mask = load_mask(region.mask_png, image.size)
-            seed = edit_seed(self.seed, sample.image, region.phrase)
-            for control in (False, True):
-                edit = editor.remove(sample.image, image, mask, region.phrase, seed, out_dir, control=control)
-                if edit is not None:
-                    edits.append(edit)
-                else:
-                    self.store.log_event("skipped", {"image": sample.image, "phrase": region.phrase,
-                                                     "reason": "no room for a control edit"})
-
-        # 4b. background change to the alternative, and a control keeping the kind of background
-        if phrases.background and phrases.alt and self._wanted(phrases.background[0], sample.y, only):
-            bg, alt = phrases.background[0], phrases.alt[0]
-            fg_mask = self.object_mask(sample)
-            needs_mask = self.config.edit.background_backend == "replace"
-            if fg_mask is None and needs_mask:
-                self.store.log_event("skipped", {"image": sample.image, "phrase": bg,
-                                                 "reason": "the label's object was not found for a background change"})
+        candidates = [p for p in dict.fromkeys([*phrases.foreground, *phrases.background[:1]])
+                      if self._wanted(p, sample.y, only)]
+        fg_mask = self.object_mask(sample)
+        for phrase, kind, mask in self._regions(sample, phrases, candidates):
+            if kind == "foreground":
+                edits += self._removal(sample, image, phrase, mask, all_sets, editor, out_dir)
             else:
-                seed = edit_seed(self.seed, sample.image, "background", bg)
-                for control, target in ((False, alt), (True, bg)):
-                    donor = self._donor(sample, target, all_sets, seed) if needs_mask else None
-                    edits.append(editor.change_background(sample.image, image, fg_mask, bg, alt, seed, out_dir,
-                                                          donor=donor, control=control))
+                edits += self._background_change(sample, image, phrase, mask, fg_mask, phrases, editor, out_dir)
         self.store.put_many("edit", [(e.edit_id, e) for e in edits])
 
-    def _donor(self, sample: Sample, background: str, all_sets: dict[str, PhraseSet], seed: int):
-        """An image whose background is `background` (and a different image), with its object's mask."""
-        if self.config.edit.background_fill != "other-image":
-            return None
-        candidates = sorted(k for k, p in all_sets.items()
-                            if k != sample.image and p.background and lexicon.same_phrase(p.background[0], background))
-        rng = random.Random(seed)
-        rng.shuffle(candidates)
-        for key in candidates[:8]:
+    def _skip(self, sample: Sample, phrase: str, reason: str) -> None:
+        self.store.log_event("skipped", {"image": sample.image, "phrase": phrase, "reason": reason})
+
+    # 4a. foreground removal, and a control of the same area elsewhere (or the same mask on a matched image)
+    def _removal(self, sample: Sample, image, phrase: str, mask: np.ndarray, all_sets: dict[str, PhraseSet],
+                 editor, out_dir: Path) -> list[Edit]:
+        seed = edit_seed(self.seed, sample.image, phrase)
+        real = editor.remove(sample.image, image, mask, phrase, seed, out_dir)
+        control = editor.remove(sample.image, image, mask, phrase, seed, out_dir, control=True)
+        if control is None:
+            control = self._matched_control(sample, phrase, mask, all_sets, editor, out_dir, seed, real.pair_key)
+        if control is None:
+            self._skip(sample, phrase, "no room for a control edit and no matched image of the class without it")
+            return [real]
+        return [real, control]
+
+    def _matched_control(self, sample: Sample, phrase: str, mask: np.ndarray, all_sets: dict[str, PhraseSet],
+                         editor, out_dir: Path, seed: int, pair: str) -> Optional[Edit]:
+        """The phrase's mask inpainted on another hold-out image of the class that does not name the phrase."""
+        threshold = self.config.probe.merge_similarity
+        pool = sorted(k for k, p in all_sets.items()
+                      if k != sample.image and self.samples[k].y == sample.y and not p.failed
+                      and not any(lexicon.same_phrase(phrase, q, threshold) for q in [*p.foreground, *p.background]))
+        random.Random(seed).shuffle(pool)
+        for key in pool[:8]:
+            other = load_image(self.samples[key].path)
+            if other.size != image_size(mask):
+                continue
+            return editor.remove(key, other, mask, phrase, seed, out_dir, control=True, relocate=False, pair=pair)
+        return None
+
+    # 4b. background change: the region laid over with another group's background; the control, a background
+    # of the same group (another image's, else the image's own)
+    def _background_change(self, sample: Sample, image, phrase: str, region: Optional[np.ndarray],
+                           fg_mask: Optional[np.ndarray], phrases: PhraseSet, editor, out_dir: Path) -> list[Edit]:
+        replace = self.config.edit.background_backend == "replace"
+        if fg_mask is None and region is not None:
+            fg_mask = ~region  # the label's object was not found: everything but the region is kept
+        if fg_mask is None and replace:
+            self._skip(sample, phrase, "the label's object was not found for a background change")
+            return []
+        seed = edit_seed(self.seed, sample.image, "background", phrase)
+        group = self._background_group(phrase)
+        if not replace or self.config.edit.background_fill != "other-image":
+            alt = phrases.alt[0] if phrases.alt else self._alternative(group)
+            if alt is None:
+                self._skip(sample, phrase, "no alternative background in the hold-out images")
+                return []
+            return [editor.change_background(sample.image, image, fg_mask, phrase, alt, seed, out_dir,
+                                             control=control, region_mask=region) for control in (False, True)]
+        other = self._donor(sample, seed, lambda g: g != group)
+        if other is None:
+            self._skip(sample, phrase, "no hold-out image with another background to take one from")
+            return []
+        same = self._donor(sample, seed, lambda g: g == group)
+        if same is None:  # the image's own background: the compositing artefacts alone
+            same, kind = (image, fg_mask, region if region is not None else ~fg_mask), "self-donor"
+        else:
+            kind = "same-group-donor"
+        alt_name = other[3] if len(other) > 3 else phrase
+        real = editor.change_background(sample.image, image, fg_mask, phrase, alt_name, seed, out_dir,
+                                        donor=other[:3] if region is not None else other[:2], region_mask=region)
+        control = editor.change_background(sample.image, image, fg_mask, phrase, phrase, seed, out_dir,
+                                           donor=same[:3] if region is not None else same[:2], control=True,
+                                           region_mask=region, control_kind=kind)
+        return [real, control]
+
+    def _alternative(self, group: str) -> Optional[str]:
+        """The most frequent other background group of the hold-out (for instruction editing)."""
+        counts = Counter(self._background_group(b[0]) for k in self.store.get_meta("holdout", [])
+                         if (b := self._background_of(k)) is not None)
+        others = [(n, g) for g, n in counts.items() if g != group]
+        return max(others, key=lambda t: (t[0], t[1]))[1] if others else None
+
+    def _donor(self, sample: Sample, seed: int, wanted: Callable[[str], bool]):
+        """(image, object mask, background region, phrase) of another hold-out image whose background group is
+        `wanted`, with its object found; None when there is none."""
+        keys = sorted(k for k in self.store.get_meta("holdout", []) if k != sample.image)
+        random.Random(seed).shuffle(keys)
+        for key in keys:
+            bg = self._background_of(key)
+            if bg is None or not wanted(self._background_group(bg[0])):
+                continue
             mask = self.object_mask(self.samples[key])
-            if mask is not None:
-                return load_image(self.samples[key].path), mask
+            if mask is None and bg[1] is None:
+                continue
+            region = bg[1] if bg[1] is not None else ~mask
+            if mask is not None and not (region & ~mask).any():
+                continue
+            return load_image(self.samples[key].path), mask, region, bg[0]
         return None
 
     # ------------------------------------------------------------ 4c. classify and decide

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 Split = Literal["train", "val", "test"]
 SPLIT_CODES: dict[int, Split] = {0: "train", 1: "val", 2: "test"}
 PhraseKind = Literal["foreground", "background"]
+ControlKind = Literal["same-area", "matched-image", "same-group-donor", "self-donor", "own-mean-colour",
+                      "same-instruction"]
 
 
 class Record(BaseModel):
@@ -105,13 +107,24 @@ class Edit(Record):
     image: str
     phrase: str
     kind: PhraseKind
-    control: bool = Field(description="a control edit: same area at a random place off the phrase's mask")
+    control: bool = Field(description="a control edit: the same operation on something other than the phrase")
     mask_png: Optional[str]
     edited_png: str
     backend: str
     model_id: Optional[str] = None
     seed: int
     instruction: Optional[str] = None
+    control_kind: Optional[ControlKind] = Field(
+        default=None, description="how a control was made: same-area (the same area off the phrase's mask), "
+        "matched-image (the phrase's mask on another image of the class), same-group-donor / self-donor "
+        "(a background from an image of the same background group / the image itself), own-mean-colour, "
+        "same-instruction (instruction editing with alt = bg)")
+    pair: str = Field(default="", description="`image|kind|phrase` of the real edit this edit belongs to "
+                                              "(a real edit and its control share it)")
+
+    @property
+    def pair_key(self) -> str:
+        return self.pair or f"{self.image}|{self.kind}|{self.phrase}"
 
 
 class Probe(Record):
@@ -126,10 +139,23 @@ class Probe(Record):
     prob_true_original: float
     prob_true_edited: float
     flipped: bool
+    margin_original: Optional[float] = Field(default=None, description="true-class logit minus the best other's")
+    margin_edited: Optional[float] = None
+    control_kind: Optional[ControlKind] = None
+    pair: str = ""
+
+    @property
+    def pair_key(self) -> str:
+        return self.pair or f"{self.image}|{self.kind}|{self.phrase}"
+
+    @property
+    def prob_drop(self) -> float:
+        return self.prob_true_original - self.prob_true_edited
 
 
 class Finding(Record):
-    """A phrase group probed on one class; `spurious` when its edits flip the classifier beyond the control."""
+    """A phrase group probed on one class; `spurious` when removing or changing it lowers the true class's
+    probability beyond its matched controls (q_value < alpha and effect >= min_effect; tools/probe.py)."""
 
     class_: str = Field(alias="class")
     class_index: int
@@ -143,9 +169,27 @@ class Finding(Record):
     control_flips: int
     control_flip_rate: float
     mean_prob_drop: float
-    p_value: float
+    p_value: float = Field(description="one-sided paired test (Wilcoxon signed-rank) of real vs control drop")
     spurious: bool
     flipped_edits: list[str] = Field(default=[], description="edit ids of the edits that flipped")
+    q_value: float = Field(default=1.0, description="p_value adjusted over every test of the run (Benjamini-Yekutieli)")
+    effect: float = Field(default=0.0, description="mean paired drop of the true-class probability, real - control")
+    effect_ci: list[float] = Field(default=[0.0, 0.0], description="bootstrap 95% interval of `effect`")
+    margin_effect: Optional[float] = Field(default=None, description="mean paired drop of the logit margin")
+    pairs: int = Field(default=0, description="real edits with a matched control")
+    control_kind: str = Field(default="", description="the control kinds used, '+'-joined")
+    flip_p_value: float = Field(default=1.0, description="one-sided Fisher exact test on flips (the paper's evidence)")
+    insertion_effect: Optional[float] = Field(default=None, description="mean paired rise of the class's probability "
+                                              "when the region is pasted into other classes' images")
+    insertion_p_value: Optional[float] = None
+    joint: bool = Field(default=False, description="found by joint removal of the class's candidate groups")
+    top_edits: list[str] = Field(default=[], description="real edits with the largest paired drop, strongest first")
+
+    @property
+    def evidence_edits(self) -> list[str]:
+        """The real edits generation starts from: the flipped ones, then those with the largest paired drop of
+        the class's probability (a confirmed finding may flip few images)."""
+        return list(dict.fromkeys([*self.flipped_edits, *self.top_edits]))
 
     def to_json(self) -> dict:
         return self.model_dump(by_alias=True)

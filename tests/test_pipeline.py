@@ -89,7 +89,12 @@ def test_probe_flags_exactly_the_region_the_classifier_looks_at(world, tmp_path)
 
     cube = by_key[("widget", "red cube")]
     assert cube.spurious and cube.flips == cube.occurrences == 12
-    assert cube.control_occurrences == 12 and cube.control_flips == 0 and cube.p_value < 1e-4
+    assert cube.control_occurrences == 12 and cube.control_flips == 0 and cube.flip_p_value < 1e-4
+    # the known rule: removing the cube drops P(widget) from 0.95 to 0.05, its control changes nothing
+    assert cube.pairs == 12 and cube.control_kind == "same-area"
+    assert cube.effect == pytest.approx(0.9, abs=1e-6) and cube.effect_ci == pytest.approx([0.9, 0.9], abs=1e-6)
+    assert cube.p_value == pytest.approx(2.0 ** -12)   # exact Wilcoxon: all 12 differences positive
+    assert cube.q_value < 0.05 and cube.margin_effect == pytest.approx(2 * np.log(0.95 / 0.05), rel=1e-4)
     for cls in ("widget", "gizmo"):
         disk = by_key[(cls, "blue disk")]
         assert not disk.spurious and disk.flips == 0

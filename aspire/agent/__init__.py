@@ -24,6 +24,7 @@ from aspire.agent.state import AuditContext, AuditState
 from aspire.config import AgentSettings, AspireConfig
 from aspire.errors import AspireError
 from aspire.schemas import Finding
+from aspire.tools.probe import rank_key
 
 CHECKPOINTS = "checkpoints.sqlite"
 Approver = Callable[[dict], Any]
@@ -131,7 +132,7 @@ class AuditResult:
 
 def sorted_findings(store) -> list[Finding]:
     found = store.all("finding", Finding)
-    found.sort(key=lambda f: (-f.spurious, -(f.flip_rate - f.control_flip_rate), f.p_value, f.class_, f.phrase))
+    found.sort(key=rank_key)
     return found
 
 

@@ -45,6 +45,13 @@ CONFIGURE_HELP = ("No LLM is configured. Set OPENAI_API_KEY (OpenAI), or OPENAI_
 
 
 # ---------------------------------------------------------------- the tools
+
+def evidence(f: Finding) -> dict:
+    """A finding's evidence as the chat tools show it."""
+    return {"edits": f.occurrences, "effect": round(f.effect, 3), "effect_ci": [round(v, 3) for v in f.effect_ci],
+            "q_value": float(f"{f.q_value:.3g}"), "p_value": float(f"{f.p_value:.3g}"), "control_kind": f.control_kind,
+            "flips": f.flips, "flip_rate": round(f.flip_rate, 3), "control_flip_rate": round(f.control_flip_rate, 3)}
+
 class RunTools:
     """What the assistant can look up or do in one run. Every method returns JSON-able data."""
 
@@ -122,17 +129,15 @@ class RunTools:
         }
 
     def findings(self, class_name: Optional[str] = None, spurious_only: bool = False, limit: int = 20) -> dict:
-        """Findings (spurious first): phrase, kind, edits, flips, flip rate vs control flip rate, p-value."""
+        """Findings (spurious first): phrase, kind, effect with its interval, q-value, control kind, flips."""
         found = self.findings_list()
         if class_name:
             y = self._class_index(class_name)
             found = [f for f in found if f.class_index == y]
         if spurious_only:
             found = [f for f in found if f.spurious]
-        rows = [{"class": f.class_, "phrase": f.phrase, "kind": f.kind, "edits": f.occurrences, "flips": f.flips,
-                 "flip_rate": round(f.flip_rate, 3), "control_flip_rate": round(f.control_flip_rate, 3),
-                 "p_value": float(f"{f.p_value:.3g}"), "spurious": f.spurious, "merged": f.phrases}
-                for f in found[:max(1, int(limit))]]
+        rows = [{"class": f.class_, "phrase": f.phrase, "kind": f.kind, **evidence(f), "spurious": f.spurious,
+                 "merged": f.phrases} for f in found[:max(1, int(limit))]]
         return {"n": len(found), "shown": len(rows), "findings": rows}
 
     def phrase_stats(self, class_name: str, limit: int = 15) -> dict:
@@ -196,16 +201,11 @@ class RunTools:
         result = ("not probed" if f is None else "spurious" if f.spurious else "not spurious")
         self.store.log_event("outcome", {"round": None, "class": self.class_names[y], "class_index": y,
                                          "phrase": name, "kind": kind, "source": "chat", "result": result,
-                                         **({} if f is None else {"occurrences": f.occurrences, "flips": f.flips,
-                                                                  "flip_rate": f.flip_rate,
-                                                                  "control_flip_rate": f.control_flip_rate,
-                                                                  "p_value": f.p_value})})
+                                         **({} if f is None else {"occurrences": f.occurrences, **evidence(f)})})
         if f is None:
             return {"class": self.class_names[y], "phrase": phrase, "result": "not probed",
                     "why": "no caption of this class's hold-out images names it, or it could not be grounded"}
-        return {"class": f.class_, "phrase": f.phrase, "kind": f.kind, "result": result, "edits": f.occurrences,
-                "flips": f.flips, "flip_rate": round(f.flip_rate, 3), "control_flip_rate": round(f.control_flip_rate, 3),
-                "p_value": float(f"{f.p_value:.3g}")}
+        return {"class": f.class_, "phrase": f.phrase, "kind": f.kind, "result": result, **evidence(f)}
 
     def approve_and_retrain(self) -> dict:
         """Approve the paused audit as proposed: generate, retrain, evaluate, report."""
@@ -281,7 +281,9 @@ class ChatSession:
         s = self.tools.summary()
         counts = {k: s[k] for k in ("holdout", "edits", "probes")}
         spurious = [{"class": f.class_, "phrase": f.phrase, "kind": f.kind, "flip_rate": round(f.flip_rate, 3),
-                     "control_flip_rate": round(f.control_flip_rate, 3), "p_value": float(f"{f.p_value:.3g}")}
+                     "control_flip_rate": round(f.control_flip_rate, 3), "p_value": float(f"{f.p_value:.3g}"),
+                     "effect": round(f.effect, 3), "effect_ci": [round(v, 3) for v in f.effect_ci],
+                     "q_value": float(f"{f.q_value:.3g}")}
                     for f in self.tools.findings_list() if f.spurious][:15]
         return render_prompt("chat_system", run_dir=s["run_dir"], kind=s["kind"] or "unknown", status=s["status"],
                              classes=s["classes"], counts=counts, spurious=spurious, n_findings=s["findings"])
@@ -451,8 +453,8 @@ class OfflineSession:
             self.console.print_json(json.dumps(t.summary(), default=str))
         elif cmd in ("findings", "spurious"):
             res = t.findings(args[0] if args else None, spurious_only=cmd == "spurious", limit=50)
-            self._table(res["findings"], ("class", "phrase", "kind", "edits", "flips", "flip_rate",
-                                          "control_flip_rate", "p_value", "spurious"))
+            self._table(res["findings"], ("class", "phrase", "kind", "edits", "effect", "effect_ci", "q_value",
+                                          "control_kind", "flip_rate", "control_flip_rate", "spurious"))
         elif cmd == "stats" and args:
             res = t.phrase_stats(args[0])
             self._table(res["groups"], ("kind", "phrase", "n", "p_class", "p_other", "lift", "tested"))
@@ -500,20 +502,21 @@ def _approve_generation(console: Console, ask: Callable[[str], str], payload: di
     selected = list(proposed)
     while True:
         table = Table(title="findings (✓ = repaired by generation)", title_justify="left")
-        for c in ("#", "", "class", "phrase", "kind", "edits", "flips", "flip rate", "control", "p-value"):
+        for c in ("#", "", "class", "phrase", "kind", "edits", "effect [95% CI]", "q", "flip rate", "control"):
             table.add_column(c)
         shown = [f for f in findings if f["spurious"] or f["key"] in selected][:40] or findings[:10]
         for f in shown:
+            lo, hi = f["effect_ci"]
             table.add_row(str(f["n"]), "✓" if f["key"] in selected else "", f["class"], f["phrase"], f["kind"],
-                          str(f["occurrences"]), str(f["flips"]), f"{f['flip_rate']:.2f}",
-                          f"{f['control_flip_rate']:.2f}", f"{f['p_value']:.2g}")
+                          str(f["occurrences"]), f"{f['effect']:+.3f} [{lo:+.3f}, {hi:+.3f}]",
+                          f"{f['q_value']:.2g}", f"{f['flip_rate']:.2f}", f"{f['control_flip_rate']:.2f}")
         console.print(table)
         cost = payload.get("cost", {})
         retrain = cost.get("retrain", {})
         use = edits_to_use(findings, selected, payload.get("max_edits_per_class", 35))
         per_class = cost.get("images_per_class")
         images = per_class * sum(1 for n in use.values() if n) if per_class else cost.get("images_to_generate")
-        console.print(f"cost: {sum(use.values())} flipping edits to generate from "
+        console.print(f"cost: {sum(use.values())} edits to generate from "
                       f"({', '.join(f'{c} {n}' for c, n in use.items()) or 'none'}); "
                       f"{'images to generate: ' + str(images) if images is not None else 'images: as augment is set'}; "
                       f"then retraining {retrain.get('method', '?')} for {retrain.get('epochs', '?')} epochs on "

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from aspire.agent.planner import Plan, PlanRequest, finding_for, group_key, phrase_stats, trim_to_budget
 from aspire.agent.state import AuditContext, AuditState, Hypothesis
 from aspire.schemas import Finding, PhraseSet
+from aspire.tools.probe import rank_key
 
 DECISIONS = ("approve", "edit", "reject")
 
@@ -68,7 +69,8 @@ def history(store) -> list[dict]:
     return [{"round": e.get("round"), "class": e.get("class"), "kind": e.get("kind"), "phrase": e.get("phrase"),
              "reason": e.get("hypothesis_reason", ""), "result": e.get("result"),
              "occurrences": e.get("occurrences", 0), "flip_rate": e.get("flip_rate"),
-             "control_flip_rate": e.get("control_flip_rate"),
+             "control_flip_rate": e.get("control_flip_rate"), "effect": e.get("effect"),
+             "effect_ci": e.get("effect_ci"), "q_value": None if e.get("q_value") is None else float(f"{e['q_value']:.3g}"),
              "p_value": None if e.get("p_value") is None else float(f"{e['p_value']:.3g}")}
             for e in store.events("outcome")]
 
@@ -80,15 +82,17 @@ def finding_key(f: Finding) -> str:
 def finding_summary(n: int, f: Finding) -> dict:
     return {"n": n, "key": finding_key(f), "class": f.class_, "class_index": f.class_index, "phrase": f.phrase,
             "kind": f.kind, "occurrences": f.occurrences, "flips": f.flips, "flip_rate": round(f.flip_rate, 3),
-            "control_flip_rate": round(f.control_flip_rate, 3), "p_value": f.p_value, "spurious": f.spurious}
+            "control_flip_rate": round(f.control_flip_rate, 3), "p_value": f.p_value, "spurious": f.spurious,
+            "effect": round(f.effect, 4), "effect_ci": [round(v, 4) for v in f.effect_ci], "q_value": f.q_value,
+            "control_kind": f.control_kind, "edits": len(f.evidence_edits)}
 
 
 def edits_to_use(findings: list[dict], selected: list[str], cap_per_class: int) -> dict[str, int]:
-    """Flipping edits generation would use, per class (capped at probe.max_edits_per_class)."""
+    """Edits generation would use, per class (capped at probe.max_edits_per_class)."""
     per_class: dict[str, int] = defaultdict(int)
     for f in findings:
         if f["key"] in selected:
-            per_class[f["class"]] += f["flips"]
+            per_class[f["class"]] += f["edits"]
     return {c: min(n, cap_per_class) for c, n in sorted(per_class.items())}
 
 
@@ -273,8 +277,12 @@ def probe(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
             outcome.update(result="spurious" if f.spurious else "not spurious", finding=f.phrase,
                            occurrences=f.occurrences, flips=f.flips, flip_rate=round(f.flip_rate, 4),
                            control_flip_rate=round(f.control_flip_rate, 4), p_value=f.p_value,
-                           reason=(f"{f.flips}/{f.occurrences} edits flip vs {f.control_flips}/"
-                                   f"{f.control_occurrences} controls (p={f.p_value:.2g})"))
+                           effect=round(f.effect, 4), effect_ci=[round(v, 4) for v in f.effect_ci],
+                           q_value=f.q_value, tested_kind=f.kind,
+                           reason=(f"P({h['class_name']}) drops {f.effect:+.3f} "
+                                   f"[{f.effect_ci[0]:+.3f}, {f.effect_ci[1]:+.3f}] beyond its controls over "
+                                   f"{f.pairs} pairs (q={f.q_value:.2g}); {f.flips}/{f.occurrences} edits flip "
+                                   f"vs {f.control_flips}/{f.control_occurrences} controls"))
         _log_once(store, "outcome", outcome, ("round", "class_index", "kind", "phrase"), seen)
 
     # 3. stable, or a budget spent?
@@ -305,7 +313,7 @@ def review(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     p = ctx.pipeline
     store = p.store
     findings = store.all("finding", Finding)
-    findings.sort(key=lambda f: (-f.spurious, -(f.flip_rate - f.control_flip_rate), f.p_value, f.class_, f.phrase))
+    findings.sort(key=rank_key)
     if not findings:
         record_approval(store, "generate", {"decision": "reject", "note": "nothing was probed: no finding to repair",
                                             "auto": True}, [], [])
@@ -341,7 +349,8 @@ def review(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     by_key = {finding_key(f): f for f in findings}
     store.set_meta("approved_features", [{"key": k, "class": by_key[k].class_, "class_index": by_key[k].class_index,
                                           "phrase": by_key[k].phrase, "kind": by_key[k].kind,
-                                          "phrases": by_key[k].phrases, "flipped_edits": by_key[k].flipped_edits}
+                                          "phrases": by_key[k].phrases, "flipped_edits": by_key[k].flipped_edits,
+                                          "edits": by_key[k].evidence_edits}
                                          for k in selected])
     return {"features": selected, "approvals": {"generate": decision["decision"]}}
 
@@ -349,10 +358,10 @@ def review(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
 def qualifies_for_repair(f: Finding, config) -> bool:
     """Whether generation would use a finding's flipped edits, as augment.select says (spurious by default)."""
     mode = config.augment.select
-    if not f.flipped_edits:
+    if not f.evidence_edits:
         return False
     if mode == "significant":
-        return f.p_value < config.probe.alpha
+        return f.q_value < config.probe.alpha
     return f.spurious if mode == "spurious" else True
 
 
@@ -391,9 +400,9 @@ def generate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     done = store.get_meta("augmented")
     if not (isinstance(done, dict) and done.get("dir") and Path(done["dir"]).is_dir()):
         features = set(state.get("features", []))
-        flips = sum(len(f.flipped_edits) for f in store.all("finding", Finding) if finding_key(f) in features)
-        if not flips:
-            reason = "the approved features have no flipped edits to generate from"
+        edits = sum(len(f.evidence_edits) for f in store.all("finding", Finding) if finding_key(f) in features)
+        if not edits:
+            reason = "the approved features have no edits to generate from"
             _stage(store, "generate", n_images=0, reason=reason)
             return {"augmented": {"dir": "", "n_images": 0, "per_class": {}, "reason": reason}}
         from aspire.augment import augment_run

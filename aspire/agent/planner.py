@@ -129,15 +129,16 @@ def match_group(stats: Sequence[GroupStat], kind: Optional[str], phrase: str, si
 
 
 def finding_for(findings: Sequence[Finding], class_index: int, kind: str, phrases: Sequence[str]) -> Optional[Finding]:
-    """The finding that aggregates a hypothesis's phrases (most member phrases in common)."""
+    """The finding that aggregates a hypothesis's phrases (most member phrases in common), of the hypothesis's
+    kind first: the probe decides object vs background from the mask, so it may have tested the other kind."""
     wanted = set(phrases)
-    best, overlap = None, 0
+    best, score = None, (0, False)
     for f in findings:
-        if f.class_index != class_index or f.kind != kind:
+        if f.class_index != class_index:
             continue
         common = len(wanted & (set(f.phrases) | {f.phrase}))
-        if common > overlap:
-            best, overlap = f, common
+        if common and (common, f.kind == kind) > score:
+            best, score = f, (common, f.kind == kind)
     return best
 
 

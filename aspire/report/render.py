@@ -25,6 +25,7 @@ from aspire.errors import AspireError
 from aspire.schemas import Edit, EvalResult, Finding, PhraseSet, Probe, Region
 from aspire.store import RunStore
 from aspire.tools import lexicon
+from aspire.tools.probe import rank_key
 
 TEMPLATES = Path(__file__).parent / "templates"
 TRAIL_EVENTS = ("hypothesis", "outcome", "approval", "llm_failure")
@@ -166,7 +167,7 @@ class RunReport:
     def findings(self) -> list[Finding]:
         found = self.store.all("finding", Finding)
         # the order of aggregation (tools/probe.py): spurious first, then by effect over the control
-        found.sort(key=lambda f: (-f.spurious, -(f.flip_rate - f.control_flip_rate), f.p_value, f.class_, f.phrase))
+        found.sort(key=rank_key)
         return found
 
     def counts(self, findings: list[Finding]) -> dict[str, Any]:

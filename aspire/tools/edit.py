@@ -55,14 +55,16 @@ from aspire.atomic import write_json, write_with
 from aspire.config import EditSettings
 from aspire.data.images import save_mask
 from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError, describe
-from aspire.schemas import Edit, PhraseKind
+from aspire.schemas import ControlKind, Edit, PhraseKind
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
 log = logging.getLogger(__name__)
 
-Donor = tuple[Image.Image, Optional[np.ndarray]]  # (donor image, its foreground mask (H, W) bool or None)
+# (donor image, its foreground mask (H, W) bool or None[, its background region (H, W) bool]): with a region, the
+# donor's region is laid over the edited region's bounding box; without, the donor's whole background is used
+Donor = tuple  # tuple[Image.Image, Optional[np.ndarray]] | tuple[Image.Image, Optional[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,14 @@ class RemoveRequest:
     phrase: str
     seed: int = 0
     control: bool = False
+    relocate: bool = True  # a control moves the mask off itself; False: the mask as given (matched-image control)
+    pair: str = ""  # the real edit's `image|kind|phrase` (a control on another image names its real edit)
 
 
 @dataclass(frozen=True)
 class BackgroundRequest:
-    """One background change around the foreground object `fg_mask` (None: unknown, IP2P only)."""
+    """One background change around the foreground object `fg_mask` (None: unknown, IP2P only): every pixel
+    outside the object, or only those of `region_mask` (the background phrase's region) when given."""
 
     image_key: str
     image: Image.Image
@@ -89,6 +94,8 @@ class BackgroundRequest:
     seed: int = 0
     donor: Optional[Donor] = None
     control: bool = False
+    region_mask: Optional[np.ndarray] = None  # (H, W) bool
+    control_kind: Optional[ControlKind] = None  # default: same-group-donor, own-mean-colour or same-instruction
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,9 @@ class _Job:
     params: dict[str, Any]
     keep_mask: Optional[np.ndarray] = None  # (H, W) bool: pixels pasted back from the source (foreground)
     fill: str = ""  # replace backend: neutral-grey | own-mean-colour | donor
-    donor: Optional[tuple[np.ndarray, Optional[np.ndarray]]] = None  # (H, W, 3) uint8, (H, W) bool
+    donor: Optional[tuple] = None  # (H, W, 3) uint8, (H, W) bool or None, (H, W) bool or None
+    control_kind: Optional[ControlKind] = None
+    pair: str = ""
     edit_id: str = field(default="", init=False)
 
     @property
@@ -139,22 +148,28 @@ class Editor:
 
     # ---------------------------------------------------------------- entry points
     def remove(self, image_key: str, image: Image.Image, mask: np.ndarray, phrase: str, seed: int,
-               out_dir: str | Path, control: bool = False) -> Optional[Edit]:
-        """Remove the object under `mask` (or, with `control`, inpaint the same area elsewhere).
+               out_dir: str | Path, control: bool = False, relocate: bool = True, pair: str = "") -> Optional[Edit]:
+        """Remove the object under `mask` (or, with `control`, inpaint the same area elsewhere; with
+        `relocate=False` too, inpaint `mask` as given: the phrase's mask on another image, whose real edit
+        `pair` names).
 
         Returns None only for a control that has no free place (the reason goes to `self.skipped`).
         """
-        return self.remove_many([RemoveRequest(image_key, image, mask, phrase, seed, control)], out_dir)[0]
+        req = RemoveRequest(image_key, image, mask, phrase, seed, control, relocate, pair)
+        return self.remove_many([req], out_dir)[0]
 
     def change_background(self, image_key: str, image: Image.Image, fg_mask: Optional[np.ndarray], bg_phrase: str,
                           alt_phrase: str, seed: int, out_dir: str | Path, donor: Optional[Donor] = None,
-                          control: bool = False) -> Edit:
+                          control: bool = False, region_mask: Optional[np.ndarray] = None,
+                          control_kind: Optional[ControlKind] = None) -> Edit:
         """Change the background `bg_phrase` around the foreground object `fg_mask`, which is kept exactly.
 
         `donor` (image, its foreground mask) is used by the "replace" backend when `background_fill` is
-        "other-image"; for a control, pass a donor whose background has the same phrase.
+        "other-image"; for a control, pass a donor whose background is of the same group. `region_mask`
+        limits the change to the background phrase's region.
         """
-        req = BackgroundRequest(image_key, image, fg_mask, bg_phrase, alt_phrase, seed, donor, control)
+        req = BackgroundRequest(image_key, image, fg_mask, bg_phrase, alt_phrase, seed, donor, control,
+                                region_mask, control_kind)
         out = self.change_background_many([req], out_dir)[0]
         assert out is not None
         return out
@@ -182,13 +197,17 @@ class Editor:
         if mask.all():
             raise DataError(f"mask for phrase {r.phrase!r} covers the whole image {r.image_key!r}: "
                             "nothing to inpaint from")
-        # 2. a control inpaints the same area elsewhere
-        if r.control:
+        # 2. a control inpaints the same area elsewhere (or, not relocated, the same mask on another image)
+        control_kind: Optional[ControlKind] = None
+        if r.control and r.relocate:
             mask, why = find_control(mask, r.seed, self.settings.control_gap_px)
             if mask is None:
                 self.skipped.append(Skip(r.image_key, r.phrase, "foreground", why))
                 log.info("no control for %r in %s: %s", r.phrase, r.image_key, why)
                 return None
+            control_kind = "same-area"
+        elif r.control:
+            control_kind = "matched-image"
         # 3. backend and its parameters (they key the edit)
         s = self.settings
         backend = s.remove_backend
@@ -201,7 +220,7 @@ class Editor:
         else:
             model_id, instruction, params = None, None, {"method": "telea", "radius": s.opencv_radius_px}
         return self._keyed(_Job(r.image_key, r.phrase, "foreground", r.control, r.seed, image, mask, backend,
-                                model_id, instruction, params))
+                                model_id, instruction, params, control_kind=control_kind, pair=r.pair))
 
     def _background_job(self, r: BackgroundRequest) -> _Job:
         s = self.settings
@@ -219,6 +238,12 @@ class Editor:
                 raise DataError(f"foreground mask covers the whole image {r.image_key!r}: no background "
                                 f"{r.bg_phrase!r} to change")
         bg = None if fg is None else ~fg  # the pixels the edit may change
+        if r.region_mask is not None:
+            region = _check_mask(r.region_mask, image, r.bg_phrase, r.image_key, "background region")
+            bg = region if bg is None else region & bg
+            if not bg.any():
+                raise DataError(f"background region of {r.bg_phrase!r} lies inside the foreground object "
+                                f"in image {r.image_key!r}: nothing to change")
         # 2. instruction-based editing: the control keeps the background's kind (alt = bg)
         if s.background_backend == "instruct-pix2pix":
             alt = r.bg_phrase if r.control else r.alt_phrase
@@ -233,7 +258,8 @@ class Editor:
                       "image_guidance": s.image_guidance_scale,
                       "work_size": self._work_size(image.shape[1], image.shape[0])}
             return self._keyed(_Job(r.image_key, r.bg_phrase, "background", r.control, r.seed, image, bg,
-                                    "instruct-pix2pix", s.pix2pix_model_id, instruction, params, keep_mask=fg))
+                                    "instruct-pix2pix", s.pix2pix_model_id, instruction, params, keep_mask=fg,
+                                    control_kind=(r.control_kind or "same-instruction") if r.control else None))
         # 3. replacement: a donor's background, or a flat fill (a control's flat fill keeps the colour)
         donor = None
         if r.donor is not None and s.background_fill == "other-image":
@@ -248,26 +274,37 @@ class Editor:
                 " (no donor given)" if s.background_fill == "other-image" else ""),
         }[fill]
         params = {"fill": fill, "radius": s.opencv_radius_px,
-                  "donor": None if donor is None else _digest(donor[0], donor[1])}
+                  "donor": None if donor is None else _digest(*donor)}
+        kind = r.control_kind or ("same-group-donor" if fill == "donor" else "own-mean-colour")
         return self._keyed(_Job(r.image_key, r.bg_phrase, "background", r.control, r.seed, image, bg, "replace",
-                                None, instruction, params, keep_mask=fg, fill=fill, donor=donor))
+                                None, instruction, params, keep_mask=fg, fill=fill, donor=donor,
+                                control_kind=kind if r.control else None))
 
     def _prepare_donor_inputs(self, donor: Donor, image: np.ndarray, image_key: str):
-        d_img, d_mask = donor
+        d_img, d_mask = donor[0], donor[1]
+        d_region = donor[2] if len(donor) > 2 else None
         d = _as_rgb(d_img, f"donor for {image_key}")
+        if d_region is not None:
+            d_region = _check_mask(d_region, d, "donor background", f"donor for {image_key}", "donor region")
         if d_mask is not None:
             d_mask = _check_mask(d_mask, d, "donor foreground", f"donor for {image_key}", "donor mask",
                                  allow_empty=True)
             if d_mask.all():
                 raise DataError(f"donor foreground mask covers the whole donor image (for {image_key!r}): "
                                 "no background")
-        return d, d_mask
+        if d_region is not None and d_mask is not None:
+            d_region = d_region & ~d_mask
+            if not d_region.any():
+                raise DataError(f"donor background region lies inside the donor's object (for {image_key!r})")
+        return d, d_mask, d_region
 
     def _keyed(self, job: _Job) -> _Job:
         payload = {"image": job.image_key, "phrase": job.phrase, "kind": job.kind, "control": job.control,
                    "backend": job.backend, "model_id": job.model_id, "seed": job.seed,
                    "instruction": job.instruction, "params": job.params,
                    "mask": _digest(job.edit_mask), "keep": _digest(job.keep_mask)}
+        if job.pair and job.pair != f"{job.image_key}|{job.kind}|{job.phrase}":
+            payload["pair"] = job.pair  # a control on another image: its real edit is part of its identity
         text = json.dumps(payload, sort_keys=True, default=list)
         job.edit_id = hashlib.sha256(text.encode()).hexdigest()[:20]
         return job
@@ -323,9 +360,11 @@ class Editor:
             fill = np.full_like(img, int(round(float(img[bg].mean()))))
         elif job.fill == "own-mean-colour":
             fill = np.broadcast_to(np.round(img[bg].reshape(-1, 3).mean(0)).astype(np.uint8), img.shape)
+        elif job.donor[2] is not None:  # a donor region laid over the edited region's bounding box
+            fill = _region_fill(job.donor[0], job.donor[2], bg, radius)
         else:  # donor: resized to the image, its own object inpainted away first
             assert job.donor is not None
-            d_img, d_mask = job.donor
+            d_img, d_mask = job.donor[0], job.donor[1]
             W, H = job.size
             fill = np.asarray(Image.fromarray(d_img).resize((W, H), Image.BICUBIC))
             if d_mask is not None and d_mask.any():
@@ -526,6 +565,21 @@ def _check_mask(mask: Optional[np.ndarray], image: np.ndarray, phrase: str, key:
     return arr
 
 
+def _region_fill(donor: np.ndarray, region: np.ndarray, target: np.ndarray, radius: int) -> np.ndarray:
+    """An image of the target's size whose pixels over `target`'s bounding box come from the donor's `region`:
+    the donor outside its region inpainted from the region's pixels, then its region's bounding box resized
+    onto the target's bounding box. (H, W, 3) uint8."""
+    H, W = target.shape
+    filled = _telea(donor, ~region, radius) if not region.all() else donor
+    ys, xs = np.nonzero(region)
+    crop = filled[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    ty, tx = np.nonzero(target)
+    y0, y1, x0, x1 = ty.min(), ty.max() + 1, tx.min(), tx.max() + 1
+    out = np.zeros((H, W, 3), np.uint8)
+    out[y0:y1, x0:x1] = np.asarray(Image.fromarray(crop).resize((x1 - x0, y1 - y0), Image.BICUBIC))
+    return out
+
+
 def _mask_pil(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
 
@@ -575,7 +629,8 @@ def _record(job: _Job, out_dir: Path) -> Edit:
     return Edit(edit_id=job.edit_id, image=job.image_key, phrase=job.phrase, kind=job.kind, control=job.control,
                 mask_png=None if job.edit_mask is None else str(out_dir / f"{job.edit_id}.mask.png"),
                 edited_png=str(out_dir / f"{job.edit_id}.png"), backend=job.backend, model_id=job.model_id,
-                seed=job.seed, instruction=job.instruction)
+                seed=job.seed, instruction=job.instruction, control_kind=job.control_kind,
+                pair=job.pair or f"{job.image_key}|{job.kind}|{job.phrase}")
 
 
 def _cached(job: _Job, out_dir: Path) -> Optional[Edit]:

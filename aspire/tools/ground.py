@@ -58,6 +58,18 @@ def mask_box_xyxy_px(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
+def region_kind(mask: np.ndarray, object_mask: Optional[np.ndarray], min_share: float = 0.25) -> str:
+    """"background" for a region that touches at least three sides of the image and covers at least
+    `min_share` of the pixels outside the label's object (`object_mask`, None: unknown); else "foreground".
+
+    This decides object vs background from the mask, whatever word names the region."""
+    mask = np.asarray(mask, bool)
+    free = ~np.asarray(object_mask, bool) if object_mask is not None else np.ones_like(mask)
+    share = float((mask & free).sum()) / max(1, int(free.sum()))
+    sides = int(mask[0].any()) + int(mask[-1].any()) + int(mask[:, 0].any()) + int(mask[:, -1].any())
+    return "background" if sides >= 3 and share >= min_share else "foreground"
+
+
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "x"
 
