@@ -101,6 +101,10 @@ class ProbeSettings(Settings):
     alpha: float = Field(0.05, gt=0, lt=1, description="false-discovery level: a finding needs q_value < alpha")
     min_effect: float = Field(0.05, ge=0, le=1, description="minimum effect: mean paired drop of the true class's "
                               "probability, real edit minus its control")
+    insertion_images: int = Field(20, ge=0, description="insertion (sufficiency) test: pastes per testable group into "
+                                  "other classes' hold-out images (0: off)")
+    joint_images: int = Field(40, ge=0, description="joint removal: hold-out images per class showing at least two "
+                              "testable groups, all removed together (0: off)")
     background_min_share: float = Field(0.25, gt=0, le=1, description="a region touching three image sides and "
                                         "covering this share of the pixels outside the label's object is a background")
     seed: int = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Optional, Sequence
@@ -28,7 +28,8 @@ from aspire.progress import step_progress
 from aspire.store import RunStore
 from aspire.tools import lexicon
 from aspire.tools.ground import region_kind
-from aspire.tools.probe import Prediction, Prober, aggregate_findings, merge_phrase_groups
+from aspire.tools.probe import (Prediction, Prober, aggregate_findings, colour_histogram, joint_summary,
+                                merge_by_appearance, merge_phrase_groups)
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
 
@@ -44,6 +45,8 @@ class ProbeCounts:
     control_edits: int = 0
     skipped: int = 0
     probes: int = 0
+    insertion_edits: int = 0  # real and control pastes
+    joint_edits: int = 0      # real and control joint removals
 
 
 @dataclass
@@ -52,15 +55,20 @@ class ProbeResult:
     findings: list[Finding]
     counts: ProbeCounts = field(default_factory=ProbeCounts)
 
+    joint: dict = field(default_factory=dict)  # per class: the combined effect of removing every candidate group
+
     def to_json(self) -> dict:
         return {"run_dir": str(self.run_dir), "findings": [f.to_json() for f in self.findings],
-                "counts": vars(self.counts)}
+                "counts": vars(self.counts), "joint": self.joint}
 
 
 def edit_seed(seed: int, *parts: str) -> int:
     """A per-edit seed that depends only on the run seed and what is edited (stable across resumes)."""
     digest = hashlib.sha256("|".join([str(seed), *parts]).encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+ALL_CANDIDATES = "all candidates"  # the phrase of a class's joint-removal pair of every candidate group
 
 
 def image_size(mask: np.ndarray) -> tuple[int, int]:
@@ -276,13 +284,29 @@ class ProbePipeline:
             self._backgrounds[key] = found
         return self._backgrounds[key]
 
-    def _background_group(self, phrase: str) -> str:
-        """The merged group of a background phrase among the hold-out's backgrounds (as the findings merge)."""
+    def background_groups(self) -> dict[str, str]:
+        """{background phrase: group} over the hold-out's backgrounds: near-duplicate phrases merged, then groups
+        whose regions look alike (colour histograms, `merge_by_appearance`). Computed once, kept in the store
+        (meta `background_groups`): the donors and the findings use the same groups."""
         if self._bg_groups is None:
-            names = [b[0] for k in self.store.get_meta("holdout", []) if (b := self._background_of(k)) is not None]
-            self._bg_groups = merge_phrase_groups(names, self.config.probe.merge_similarity, by_scene=True)
+            self._bg_groups = self.store.get_meta("background_groups")
+        if self._bg_groups is None:
+            found = {k: b for k in self.store.get_meta("holdout", []) if (b := self._background_of(k)) is not None}
+            by_text = merge_phrase_groups([b[0] for b in found.values()], self.config.probe.merge_similarity,
+                                          by_scene=True)
+            hists: dict[str, list[np.ndarray]] = {}
+            for key, (phrase, region) in sorted(found.items()):
+                if region is not None and region.any():
+                    image = np.asarray(load_image(self.samples[key].path))
+                    hists.setdefault(by_text[lexicon.normalize(phrase)], []).append(colour_histogram(image, region))
+            looks = merge_by_appearance(hists)
+            self._bg_groups = {p: looks.get(g, g) for p, g in by_text.items()}
+            self.store.set_meta("background_groups", self._bg_groups)
+        return self._bg_groups
+
+    def _background_group(self, phrase: str) -> str:
         key = lexicon.normalize(phrase)
-        return self._bg_groups.get(key, key)
+        return self.background_groups().get(key, key)
 
     def _edit_image(self, sample: Sample, phrases: Optional[PhraseSet], only, all_sets: dict[str, PhraseSet]) -> None:
         if phrases is None or phrases.failed:
@@ -393,6 +417,177 @@ class ProbePipeline:
             return load_image(self.samples[key].path), mask, region, bg[0]
         return None
 
+    def test_further(self, findings: Sequence[Finding]) -> None:
+        """The tests beyond single removal, for the testable groups of `findings`: insertion and joint removal."""
+        self.insert_regions(findings)
+        self.remove_jointly(findings)
+        self.probe()
+
+    # ------------------------------------------------------------ 4d. insertion (sufficiency)
+    def insert_regions(self, findings: Sequence[Finding]) -> list[Edit]:
+        """For every testable group, its region pasted into hold-out images of the other classes (at the same place,
+        their own object kept), each with a control paste: for an object, a region of the same area from elsewhere in
+        the source image; for a background, the same region from an image of another background group. The test
+        reads the rise of the source class's probability. `probe.insertion_images` pastes per group (0: off)."""
+        n = self.config.probe.insertion_images
+        if n <= 0:
+            return []
+        from aspire.tools.probe import min_testable_pairs
+
+        edits = {e.edit_id: e for e in self.store.all("edit", Edit)}
+        real = [e for e in edits.values() if e.test == "removal" and not e.control and e.mask_png]
+        holdout = self.holdout()
+        out_dir = self.store.folder("edits")
+        for f in findings:
+            marker = f"{f.class_index}|{f.kind}|{f.phrase}"
+            if f.pairs < min_testable_pairs(self.config.probe) or self.store.has("inserted", marker):
+                continue
+            members = set(f.phrases) | {f.phrase}
+            sources = sorted((e for e in real if e.kind == f.kind and self.samples[e.image].y == f.class_index
+                              and lexicon.normalize(e.phrase) in members), key=lambda e: e.edit_id)
+            targets = [s for s in holdout if s.y != f.class_index and s.y in self.class_ids]
+            seed = edit_seed(self.seed, "insertion", marker)
+            random.Random(seed).shuffle(targets)
+            requests = []
+            for i, target in enumerate(targets[:n] if sources else []):
+                source = sources[i % len(sources)]
+                requests += self._paste_pair(f, source, target, seed + i, holdout)
+            made = self.tool("editor").paste_many(requests, out_dir)
+            self.store.put_many("edit", [(e.edit_id, e) for e in made if e is not None])
+            self.store.put("inserted", marker, {"edits": sum(e is not None for e in made)})
+        return [e for e in self.store.all("edit", Edit) if e.test == "insertion"]
+
+    def _paste_pair(self, f: Finding, source: Edit, target: Sample, seed: int, holdout: Sequence[Sample]) -> list:
+        """The real paste of `source`'s region into `target` and its control paste (none when none can be made)."""
+        from aspire.tools.edit import PasteRequest, find_control
+
+        src_image = load_image(self.samples[source.image].path)
+        mask = load_mask(source.mask_png)
+        keep = self.object_mask(target)
+        image = load_image(target.path)
+        pair = f"{target.image}|insertion|{f.kind}|{f.phrase}|{source.image}"
+        common = dict(image_key=target.image, image=image, phrase=f.phrase, kind=f.kind, score_class=f.class_index,
+                      pair=pair, seed=seed, keep_mask=keep)
+        if f.kind == "foreground":
+            control_mask, _ = find_control(mask, seed, self.config.edit.control_gap_px)
+            control = None if control_mask is None else PasteRequest(
+                source=src_image, mask=control_mask, control=True, control_kind="same-area", **common)
+        else:
+            group = self._background_group(f.phrase)
+            donors = [s for s in holdout if s.image not in (source.image, target.image)
+                      and (b := self._background_of(s.image)) is not None and self._background_group(b[0]) != group]
+            donors.sort(key=lambda s: (s.y != target.y, edit_seed(seed, s.image)))
+            control = None if not donors else PasteRequest(
+                source=load_image(donors[0].path), mask=mask, control=True, control_kind="other-group-donor", **common)
+        if control is None:
+            self._skip(target, f.phrase, "no control paste for an insertion test")
+            return []
+        return [PasteRequest(source=src_image, mask=mask, **common), control]
+
+    # ------------------------------------------------------------ 4e. joint removal (redundant shortcuts)
+    def remove_jointly(self, findings: Sequence[Finding]) -> list[Edit]:
+        """Per class, its candidate groups (testable, and removing each alone does not clearly raise the class's
+        probability: effect_ci's upper end >= 0) removed together from hold-out images showing at least two.
+
+        In each such image: the real edit removes every candidate ("all"); per group g, its control removes the
+        others and applies g's control instead (the same area elsewhere; for a background, a donor of the same
+        group), so the pair reads whether g matters once the others are gone (a shortcut seen through several
+        elements at once flips nothing when one is removed alone). A class-level pair ("all candidates") compares
+        "all" with every candidate replaced by its control: the class's combined shortcut effect.
+        `probe.joint_images` images per class (0: off)."""
+        n = self.config.probe.joint_images
+        if n <= 0:
+            return []
+        from aspire.tools.probe import min_testable_pairs
+
+        least = min_testable_pairs(self.config.probe)
+        real = [e for e in self.store.all("edit", Edit) if e.test == "removal" and not e.control and e.mask_png]
+        for y in self.class_ids:
+            candidates = sorted((f for f in findings if f.class_index == y and f.pairs >= least and f.effect_ci[1] >= 0),
+                                key=lambda f: (f.kind, f.phrase))
+            marker = f"{y}|" + ",".join(f"{f.kind}:{f.phrase}" for f in candidates)
+            if len(candidates) < 2 or self.store.has("joint", marker):
+                continue
+            member = {(f.kind, p): f for f in candidates for p in {f.phrase, *f.phrases}}
+            parts: dict[str, dict[str, tuple[Finding, Edit]]] = defaultdict(dict)  # image -> group -> (finding, edit)
+            for e in sorted(real, key=lambda e: e.edit_id):
+                f = member.get((e.kind, lexicon.normalize(e.phrase)))
+                if f is not None and self.samples[e.image].y == y:
+                    parts[e.image].setdefault(f"{f.kind}|{f.phrase}", (f, e))
+            images = sorted(k for k, v in parts.items() if len(v) >= 2)
+            random.Random(edit_seed(self.seed, "joint", marker)).shuffle(images)
+            made: list[Edit] = []
+            for key in images[:n]:
+                made += self._joint_edits(self.samples[key], list(parts[key].values()))
+            self.store.put_many("edit", [(e.edit_id, e) for e in made])
+            self.store.put("joint", marker, {"images": min(n, len(images)), "edits": len(made)})
+        return [e for e in self.store.all("edit", Edit) if e.test == "joint"]
+
+    def _joint_edits(self, sample: Sample, parts: list[tuple[Finding, Edit]]) -> list[Edit]:
+        """The "all" edit (one per group, and one for the class), each group's control, the class control."""
+        from aspire.tools.edit import find_control
+
+        image = load_image(sample.path)
+        fg_mask = self.object_mask(sample)
+        ops = []  # (finding, real op, control op); an op: ("remove", mask) or ("background", phrase, region, donor, kind)
+        for f, e in parts:
+            mask = load_mask(e.mask_png)
+            if f.kind == "foreground":
+                seed = edit_seed(self.seed, sample.image, e.phrase)
+                control, _ = find_control(mask, seed, self.config.edit.control_gap_px)
+                ops.append((f, ("remove", mask), None if control is None else ("remove", control)))
+                continue
+            seed = edit_seed(self.seed, sample.image, "background", e.phrase)  # the donors of its own test
+            group = self._background_group(e.phrase)
+            other = self._donor(sample, seed, lambda g: g != group)
+            same = self._donor(sample, seed, lambda g: g == group)
+            if other is None:
+                continue
+            fg = fg_mask if fg_mask is not None else ~mask
+            same_op = (("background", e.phrase, mask, same[:3], "same-group-donor") if same is not None
+                       else ("background", e.phrase, mask, (image, fg, mask), "self-donor"))
+            ops.append((f, ("background", e.phrase, mask, other[:3], None), same_op))
+        if len(ops) < 2:
+            return []
+        everything = [real for _, real, _ in ops]
+        edits = []
+        for f, _, control in ops:
+            pair = f"{sample.image}|joint|{f.kind}|{f.phrase}"
+            edits.append(self._compose(sample, image, fg_mask, everything, f.phrase, f.kind, pair, None))
+            if control is not None:
+                ops_g = [control if g is f else real for g, real, _ in ops]
+                edits.append(self._compose(sample, image, fg_mask, ops_g, f.phrase, f.kind, pair,
+                                           control[4] if control[0] == "background" else "same-area"))
+        if all(c is not None for _, _, c in ops):
+            pair = f"{sample.image}|joint|{ALL_CANDIDATES}"
+            edits.append(self._compose(sample, image, fg_mask, everything, ALL_CANDIDATES, "foreground", pair, None))
+            edits.append(self._compose(sample, image, fg_mask, [c for _, _, c in ops], ALL_CANDIDATES, "foreground",
+                                       pair, "same-area"))
+        return edits
+
+    def _compose(self, sample: Sample, image, fg_mask, ops: list, phrase: str, kind: str, pair: str,
+                 control_kind: Optional[str]) -> Edit:
+        """One joint edit: the union of the removal masks inpainted, then the background operation (if any)."""
+        editor = self.tool("editor")
+        control = control_kind is not None
+        seed = edit_seed(self.seed, sample.image, "joint", phrase)
+        masks = [op[1] for op in ops if op[0] == "remove"]
+        backgrounds = [op for op in ops if op[0] == "background"]
+        common = dict(control=control, test="joint", pair=pair)
+        if masks:
+            union = np.logical_or.reduce(masks)
+            out_dir = self.store.folder("joint-steps" if backgrounds else "edits")
+            edit = editor.remove(sample.image, image, union, phrase, seed, out_dir, relocate=False,
+                                 control_kind=control_kind, **common)
+            image = load_image(edit.edited_png)
+            if not backgrounds:
+                return edit
+        _, bg_phrase, region, donor, _ = backgrounds[0]
+        fg = fg_mask if fg_mask is not None else ~region
+        return editor.change_background(sample.image, image, fg, bg_phrase, bg_phrase, seed, self.store.folder("edits"),
+                                        donor=donor, region_mask=region, control_kind=control_kind, label=phrase,
+                                        label_kind=kind, **common)
+
     # ------------------------------------------------------------ 4c. classify and decide
     def probe(self) -> list[Probe]:
         edits = [e for e in self.store.all("edit", Edit) if not self.store.has("probe", e.edit_id)]
@@ -411,7 +606,9 @@ class ProbePipeline:
         return self.store.all("probe", Probe)
 
     def findings(self) -> list[Finding]:
-        findings = aggregate_findings(self.store.all("probe", Probe), self.class_names, self.config.probe)
+        probes = self.store.all("probe", Probe)
+        findings = aggregate_findings(probes, self.class_names, self.config.probe, self.store.get_meta("background_groups"))
+        self.store.set_meta("joint", joint_summary(probes, findings, self.class_names, ALL_CANDIDATES, self.seed))
         self.store.replace_all("finding", [(f"{f.class_index}|{f.kind}|{f.phrase}", f) for f in findings])
         write_json(self.store.run_dir / "findings.json", [f.to_json() for f in findings])
         return findings
@@ -423,15 +620,19 @@ class ProbePipeline:
             holdout=len(self.store.get_meta("holdout", [])), captions=self.store.count("caption"),
             phrase_failures=sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed),
             regions=len(regions), not_grounded=sum(1 for r in regions if not r.grounded),
-            edits=sum(1 for e in edits if not e.control), control_edits=sum(1 for e in edits if e.control),
+            edits=sum(1 for e in edits if not e.control and e.test == "removal"),
+            control_edits=sum(1 for e in edits if e.control and e.test == "removal"),
+            insertion_edits=sum(1 for e in edits if e.test == "insertion"),
+            joint_edits=sum(1 for e in edits if e.test == "joint"),
             skipped=len({(e["image"], e["phrase"]) for e in self.store.events("skipped")}),
             probes=self.store.count("probe"))
 
     def run(self) -> ProbeResult:
         self.make_edits()  # each step first runs the steps before it (skipping recorded work)
         self.probe()
+        self.test_further(self.findings())
         findings = self.findings()
-        return ProbeResult(self.store.run_dir, findings, self.counts())
+        return ProbeResult(self.store.run_dir, findings, self.counts(), self.store.get_meta("joint", {}))
 
 
 def _phrase_filter_key(only: Optional[dict[int, set[str]]], y: int) -> str:

@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 Split = Literal["train", "val", "test"]
 SPLIT_CODES: dict[int, Split] = {0: "train", 1: "val", 2: "test"}
 PhraseKind = Literal["foreground", "background"]
+ProbeTest = Literal["removal", "insertion", "joint"]
 ControlKind = Literal["same-area", "matched-image", "same-group-donor", "self-donor", "own-mean-colour",
-                      "same-instruction"]
+                      "same-instruction", "other-group-donor"]
 
 
 class Record(BaseModel):
@@ -121,6 +122,11 @@ class Edit(Record):
         "same-instruction (instruction editing with alt = bg)")
     pair: str = Field(default="", description="`image|kind|phrase` of the real edit this edit belongs to "
                                               "(a real edit and its control share it)")
+    test: ProbeTest = Field(default="removal", description="removal (necessity: the phrase removed or its background "
+                            "changed), insertion (sufficiency: its region pasted into another class's image) or "
+                            "joint (removed with the class's other candidate groups)")
+    score_class: Optional[int] = Field(default=None, description="the class whose probability the test reads "
+                                       "(insertion: the source's class); None: the image's label")
 
     @property
     def pair_key(self) -> str:
@@ -143,6 +149,7 @@ class Probe(Record):
     margin_edited: Optional[float] = None
     control_kind: Optional[ControlKind] = None
     pair: str = ""
+    test: ProbeTest = "removal"
 
     @property
     def pair_key(self) -> str:
@@ -182,7 +189,14 @@ class Finding(Record):
     insertion_effect: Optional[float] = Field(default=None, description="mean paired rise of the class's probability "
                                               "when the region is pasted into other classes' images")
     insertion_p_value: Optional[float] = None
-    joint: bool = Field(default=False, description="found by joint removal of the class's candidate groups")
+    insertion_q_value: Optional[float] = Field(default=None, description="insertion_p_value adjusted with the run's "
+                                               "other tests (null when not run or with too few pairs)")
+    joint: bool = Field(default=False, description="spurious only by joint removal: it matters once the class's other "
+                        "candidate groups are removed too (a redundant shortcut)")
+    joint_effect: Optional[float] = Field(default=None, description="mean paired drop with the class's other candidates "
+                                          "removed: all removed - all but this group's control (null when not run)")
+    joint_p_value: Optional[float] = None
+    joint_q_value: Optional[float] = None
     top_edits: list[str] = Field(default=[], description="real edits with the largest paired drop, strongest first")
 
     @property

@@ -16,12 +16,13 @@ DEBUG_SIZES = {"train": 40, "val": 12, "test": 12}  # images per class per split
 # ERM epochs per benchmark when --epochs is not given: enough for smallcnn to learn the task. At 10 epochs it
 # underfits toy-multiclass (42 % average test accuracy, seed 0); at 30 it learns the shapes (81 %).
 EPOCHS = {"toy-waterbirds": 10, "toy-multiclass": 30}
+WORLD_EPOCHS = 10  # the worlds of evals/worlds.py are toy-waterbirds variants
 
 
 def eval_parser(doc: str, debug_help: str) -> argparse.ArgumentParser:
     """The arguments every eval takes; an eval adds its own."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
+    ap.add_argument("--benchmarks", nargs="*", default=list(BENCHMARKS), choices=BENCHMARKS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help=f"default per benchmark: {EPOCHS}")
     ap.add_argument("--workdir", type=Path, default=Path("evals/work"))
@@ -41,9 +42,12 @@ def toy_data(bench: str, seed: int, workdir: Path, debug: bool) -> Path:
     """The benchmark for a seed, built once under workdir."""
     from aspire.data.toy.benchmark import write_benchmark
 
+    from evals.worlds import WORLDS
+
     root = workdir / f"{bench}-seed{seed}{'-debug' if debug else ''}"
     if not (root / "metadata.csv").is_file():
-        write_benchmark(bench, root, seed=seed, sizes=DEBUG_SIZES if debug else None)
+        spec = WORLDS[bench]() if bench in WORLDS else bench
+        write_benchmark(spec, root, seed=seed, sizes=DEBUG_SIZES if debug else None)
     return root
 
 

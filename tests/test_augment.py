@@ -18,6 +18,7 @@ from aspire import cli
 from aspire.augment import augment_run, finding_key, run_config
 from aspire.data.augmented import load_augmented, mix_in, verify_manifest
 from aspire.errors import AspireError, DataError
+from aspire.tools.probe import rank_key
 from aspire.schemas import Finding, PhraseSet, Sample
 from aspire.store import RunStore
 from aspire.tools import lexicon
@@ -281,21 +282,22 @@ def test_select_modes_and_the_edit_limit(run):
     store = RunStore(run / "run")
     findings = store.all("finding", Finding)
     names = ["landbird", "waterbird"]
-    for mode, rule in (("spurious", lambda f: f.spurious), ("flipping", lambda f: True),
-                       ("significant", lambda f: f.p_value < 0.05)):
+    for mode, rule in (("spurious", lambda f: f.spurious), ("flipping", lambda f: bool(f.flipped_edits)),
+                       ("significant", lambda f: f.q_value < 0.05)):
         cfg = config(run, select=mode)
         cfg.probe.max_edits_per_class = 3
         selections, skipped = select_edits(store, names, [0, 1], cfg)
         for y, name in enumerate(names):
-            qualifying = [f for f in findings if f.class_index == y and rule(f) and f.flipped_edits]
+            qualifying = [f for f in findings if f.class_index == y and rule(f) and f.evidence_edits]
             sel = next((s for s in selections if s.class_index == y), None)
             if not qualifying:  # skipped, with the rule in the reason
                 assert sel is None and f"augment.select = {mode}" in skipped[name]
                 continue
-            strongest = min(qualifying, key=lambda f: (-f.spurious, -(f.flip_rate - f.control_flip_rate), f.p_value))
+            strongest = min(qualifying, key=rank_key)
             assert sel.groups[0] == strongest.phrase and set(sel.groups) <= {f.phrase for f in qualifying}
-            assert len(sel.edits) == min(3, sum(len(f.flipped_edits) for f in qualifying))
-            assert [e.edit_id for e in sel.edits][:len(strongest.flipped_edits)] == strongest.flipped_edits[:3]
+            assert len(sel.edits) == min(3, len({e for f in qualifying for e in f.evidence_edits}))
+            # flipped edits first, then those with the largest paired drop
+            assert [e.edit_id for e in sel.edits] == strongest.evidence_edits[:3]
             assert all(not e.control for e in sel.edits)
             assert {f.phrase for f in sel.avoid} >= {f.phrase for f in findings if f.class_index == y and f.spurious}
 

@@ -178,10 +178,12 @@ def test_terminal_approval_prompt_drops_and_adds():
     payload = {"stage": "generate", "proposed": ["1|foreground|red cube"], "max_edits_per_class": 35,
                "findings": [{"n": 1, "key": "1|foreground|red cube", "class": "widget", "phrase": "red cube",
                              "kind": "foreground", "occurrences": 16, "flips": 16, "flip_rate": 1.0,
-                             "control_flip_rate": 0.0, "p_value": 1e-9, "spurious": True},
+                             "control_flip_rate": 0.0, "p_value": 1e-9, "spurious": True, "effect": 0.9,
+                             "effect_ci": [0.9, 0.9], "q_value": 1e-8, "edits": 16},
                             {"n": 2, "key": "1|foreground|yellow star", "class": "widget", "phrase": "yellow star",
                              "kind": "foreground", "occurrences": 12, "flips": 0, "flip_rate": 0.0,
-                             "control_flip_rate": 0.0, "p_value": 1.0, "spurious": False}],
+                             "control_flip_rate": 0.0, "p_value": 1.0, "spurious": False, "effect": 0.0,
+                             "effect_ci": [0.0, 0.0], "q_value": 1.0, "edits": 0}],
                "cost": {"images_per_class": 50, "images_to_generate": 50,
                         "retrain": {"method": "erm", "epochs": 3, "train_images": 32}}}
     answers = iter(["drop 1", 'add "widget:yellow star"', "maybe", "approve"])
@@ -191,8 +193,9 @@ def test_terminal_approval_prompt_drops_and_adds():
     assert decide(payload) == {"decision": "edit", "drop": ["1|foreground|red cube"],
                                "add": ["1|foreground|yellow star"]}
     shown = buf.getvalue()
-    assert "16 flipping edits" in shown and "images to generate: 50" in shown and "3 epochs" in shown
-    assert "0 flipping edits" in shown and "images to generate: 0" in shown       # after "drop 1"
+    assert "16 edits to generate from" in shown and "images to generate: 50" in shown and "3 epochs" in shown
+    assert "+0.900 [+0.900, +0.900]" in shown
+    assert "0 edits to generate from" in shown and "images to generate: 0" in shown       # after "drop 1"
     assert prompts[0].endswith("[approve]: ")
     reject = terminal_approver(Console(file=io.StringIO()), ask=lambda prompt: "reject")
     assert reject({"stage": "retrain", "augmented": {"n_images": 8}, "cost": {}}) == {"decision": "reject"}

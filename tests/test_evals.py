@@ -37,11 +37,16 @@ def test_discovery_eval_debug(workdir):
     assert (out / "discovery_debug.md").is_file()
 
 
-def test_element_matching():
+def test_element_matching_and_ranking_metrics():
     elements = {"boat": {"kind": "foreground", "phrases": ["boat", "sailboat"]},
                 "water": {"kind": "background", "phrases": ["water", "lake"]}}
-    assert discovery_eval.match_element("small boats", "foreground", elements) == "boat"
-    assert discovery_eval.match_element("pond", "background", elements) == "water"
-    assert discovery_eval.match_element("tree", "foreground", elements) is None
+    assert discovery_eval.match_element(["small boats"], elements) == "boat"
+    # a merged group is matched by most of its members (groups merged by appearance carry several words)
+    assert discovery_eval.match_element(["pond", "lake", "water"], elements) == "water"
+    assert discovery_eval.match_element(["tree"], elements) is None
     assert discovery_eval.score({"boat", "?tree"}, {"boat", "water"}) == {
         "tp": 1, "flagged": 2, "relevant": 2, "precision": 0.5, "recall": 0.5}
+    # average precision: hits at ranks 1 and 3 of two relevant -> (1/1 + 2/3) / 2; a miss counts 0
+    assert discovery_eval.average_precision(["boat", None, "water"], {"boat", "water"}) == pytest.approx(5 / 6)
+    assert discovery_eval.average_precision(["boat"], {"boat", "water"}) == pytest.approx(0.5)
+    assert discovery_eval.precision_at_k(["boat", None, "water"], {"boat", "water"}, 2) == 0.5

@@ -169,10 +169,10 @@ def _store_findings(run: Path) -> list[Finding]:
 
 def _expected_row(f: Finding) -> list[str]:
     phrase = f.phrase + (f" merged: {', '.join(f.phrases)}" if len(f.phrases) > 1 else "")
-    drop = f"{f.mean_prob_drop:.2f}".replace("-0.00", "0.00")
-    return [f.class_, phrase, f.kind, str(f.occurrences), str(f.flips),
+    return [f.class_, phrase, f.kind, str(f.occurrences),
+            f"{f.effect:+.3f} [{f.effect_ci[0]:+.3f}, {f.effect_ci[1]:+.3f}]", f"{f.q_value:.2g}", f.control_kind or "none",
             f"{f.flip_rate:.2f}", f"{f.control_flip_rate:.2f} ({f.control_flips}/{f.control_occurrences})",
-            f"{f.p_value:.2g}", drop, "spurious" if f.spurious else "no"]
+            f"{f.flip_p_value:.2g}", "spurious" if f.spurious else "no"]
 
 
 def _check_self_contained(page: _Page) -> None:

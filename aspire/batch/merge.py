@@ -1,8 +1,8 @@
 """The batch's results in one summary (BATCH_DIR/batch.json): per class its status, findings, accuracy before
 (and after, when the batch retrained), run folder and report paths, ranked by the strongest finding.
 
-Ranking: classes with a spurious finding first, by the effect of their top spurious finding (flip rate minus
-control flip rate), strongest first; then finished classes without one; then failed and unfinished classes.
+Ranking: classes with a spurious finding first, by the effect of their top spurious finding (the mean paired drop
+of the true class's probability, real edit minus its control), strongest first; then finished classes without one; then failed and unfinished classes.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from aspire.batch.state import BatchStore, all_units
 from aspire.errors import AspireError
 from aspire.schemas import EvalResult, Finding
 from aspire.store import RunStore
-
-
-def effect(f: Finding) -> float:
-    return f.flip_rate - f.control_flip_rate
+from aspire.tools.probe import rank_key
 
 
 def finding_key(f: Finding) -> str:
@@ -93,8 +90,7 @@ def merge_batch(batch_dir: str | Path) -> dict[str, Any]:
         findings, report, augmented = _run_outputs(Path(u.run_dir))
         for name in u.classes:
             index = names.index(name) if name in names else -1
-            mine = sorted((f for f in findings if f.class_index == index),
-                          key=lambda f: (-f.spurious, -effect(f), f.p_value, f.phrase))
+            mine = sorted((f for f in findings if f.class_index == index), key=rank_key)
             spurious = [f for f in mine if f.spurious]
             top = spurious[0] if spurious else None
             approved += [finding_key(f) for f in spurious]
@@ -105,7 +101,8 @@ def merge_batch(batch_dir: str | Path) -> dict[str, Any]:
                 "findings": [f.to_json() for f in mine], "n_findings": len(mine), "n_spurious": len(spurious),
                 "top_finding": None if top is None else {
                     "phrase": top.phrase, "kind": top.kind, "flip_rate": top.flip_rate,
-                    "control_flip_rate": top.control_flip_rate, "effect": effect(top), "p_value": top.p_value,
+                    "control_flip_rate": top.control_flip_rate, "effect": top.effect, "effect_ci": top.effect_ci,
+                    "q_value": top.q_value, "p_value": top.p_value,
                     "occurrences": top.occurrences},
                 "accuracy": {"before": class_accuracy(before, index), "after": class_accuracy(after, index)},
                 "report": report,

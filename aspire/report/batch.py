@@ -39,14 +39,14 @@ def batch_context(summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         top = r["top_finding"]
         anchor = f"class-{r['rank']}"
         findings = [{**f, "flip_rate_s": fmt_rate(f["flip_rate"]), "control_flip_rate_s": fmt_rate(f["control_flip_rate"]),
-                     "effect_s": fmt_rate(f["flip_rate"] - f["control_flip_rate"]), "p_value_s": fmt_p(f["p_value"])}
+                     "effect_s": f"{f['effect']:+.3f}", "q_value_s": fmt_p(f["q_value"])}
                     for f in r["findings"]]
         rows.append({
             **r, "anchor": anchor, "findings": findings,
-            "top": None if top is None else {**top, "effect_s": fmt_rate(top["effect"]),
+            "top": None if top is None else {**top, "effect_s": f"{top['effect']:+.3f}",
                                             "flip_rate_s": fmt_rate(top["flip_rate"]),
                                             "control_flip_rate_s": fmt_rate(top["control_flip_rate"]),
-                                            "p_value_s": fmt_p(top["p_value"])},
+                                            "q_value_s": fmt_p(top["q_value"])},
             "acc": _acc_cell(r["accuracy"]),
             "report_html": _link(r["report"].get("html"), out_dir), "report_md": _link(r["report"].get("md"), out_dir),
             "run_link": _link(r["run_dir"], out_dir),

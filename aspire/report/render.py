@@ -306,14 +306,14 @@ class RunReport:
         # 1. pick the examples: the finding's real edits, flips first, then by the drop in the true class
         probes = self.store.all("probe", Probe)
         edits = {e.edit_id: e for e in self.store.all("edit", Edit)}
-        controls = {(p.image, p.phrase, p.kind): p for p in probes if p.control}
+        controls = {p.pair_key: p for p in probes if p.control}
         data_root = (self.store.get_meta("args") or {}).get("data")
         chosen: list[tuple[Finding, list[Probe]]] = []
         for f in findings[:self.max_gallery_findings]:
             phrases = set(f.phrases) or {lexicon.normalize(f.phrase)}
             mine = [p for p in probes if not p.control and p.y == f.class_index and p.kind == f.kind
                     and lexicon.normalize(p.phrase) in phrases]
-            mine.sort(key=lambda p: (not p.flipped, -(p.prob_true_original - p.prob_true_edited), p.edit_id))
+            mine.sort(key=lambda p: (not p.flipped, -p.prob_drop, p.edit_id))
             chosen.append((f, mine))
 
         # 2. the images: original, edited, control, generated from the edit
@@ -331,7 +331,7 @@ class RunReport:
             examples = []
             for i, p in enumerate(mine[:self.max_examples]):
                 edit = edits.get(p.edit_id)
-                ctrl = controls.get((p.image, p.phrase, p.kind))
+                ctrl = controls.get(p.pair_key)
                 ctrl_edit = edits.get(ctrl.edit_id) if ctrl else None
                 examples.append({
                     "edit_id": p.edit_id, "image": p.image, "flipped": p.flipped,
@@ -343,6 +343,8 @@ class RunReport:
                     "pred_original": self._name(names, p.pred_original), "pred_edited": self._name(names, p.pred_edited),
                     "prob_true_original": f"{p.prob_true_original:.2f}", "prob_true_edited": f"{p.prob_true_edited:.2f}",
                     "control_pred": self._name(names, ctrl.pred_edited) if ctrl else None,
+                    "control_kind": ctrl.control_kind if ctrl else None,
+                    "paired_drop": (f"{p.prob_drop - ctrl.prob_drop:+.2f}" if ctrl else None),
                     "control_flipped": ctrl.flipped if ctrl else None,
                     "instruction": edit.instruction if edit else None,
                 })
@@ -410,7 +412,9 @@ class RunReport:
         for i, f in enumerate(findings, 1):
             rows.append({**f.to_json(), "id": f"finding-{i}", "n": i, "has_gallery": id(f) in gallery_ids,
                          "flip_rate_s": fmt_rate(f.flip_rate), "control_flip_rate_s": fmt_rate(f.control_flip_rate),
-                         "p_value_s": fmt_p(f.p_value), "mean_prob_drop_s": fmt_rate(f.mean_prob_drop)})
+                         "p_value_s": fmt_p(f.p_value), "mean_prob_drop_s": fmt_rate(f.mean_prob_drop),
+                         "q_value_s": fmt_p(f.q_value), "flip_p_value_s": fmt_p(f.flip_p_value),
+                         "effect_s": f"{f.effect:+.3f}", "effect_ci_s": f"[{f.effect_ci[0]:+.3f}, {f.effect_ci[1]:+.3f}]"})
         row_of = {id(f): r for f, r in zip(findings, rows)}
         for g in galleries:
             g["row"] = row_of[id(g.pop("finding"))]

@@ -79,6 +79,8 @@ class RemoveRequest:
     control: bool = False
     relocate: bool = True  # a control moves the mask off itself; False: the mask as given (matched-image control)
     pair: str = ""  # the real edit's `image|kind|phrase` (a control on another image names its real edit)
+    test: str = "removal"  # "joint": one step of a joint removal (schemas.ProbeTest)
+    control_kind: Optional[ControlKind] = None  # overrides same-area / matched-image
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,29 @@ class BackgroundRequest:
     control: bool = False
     region_mask: Optional[np.ndarray] = None  # (H, W) bool
     control_kind: Optional[ControlKind] = None  # default: same-group-donor, own-mean-colour or same-instruction
+    test: str = "removal"
+    pair: str = ""
+    label: str = ""  # the phrase the edit is recorded under (default bg_phrase; a joint edit names the group it tests)
+    label_kind: PhraseKind = "background"  # and its kind
+
+
+@dataclass(frozen=True)
+class PasteRequest:
+    """One insertion: the pixels of `source` under `mask` pasted onto `image` at the same place (both resized to
+    the image), keeping the image's own object `keep_mask` exact. `score_class` is the class the test reads."""
+
+    image_key: str
+    image: Image.Image
+    source: Image.Image
+    mask: np.ndarray  # (H, W) bool, in the source's pixels
+    phrase: str
+    kind: PhraseKind
+    score_class: int
+    pair: str
+    seed: int = 0
+    control: bool = False
+    control_kind: Optional[ControlKind] = None
+    keep_mask: Optional[np.ndarray] = None  # (H, W) bool, in the image's pixels
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,8 @@ class _Job:
     donor: Optional[tuple] = None  # (H, W, 3) uint8, (H, W) bool or None, (H, W) bool or None
     control_kind: Optional[ControlKind] = None
     pair: str = ""
+    test: str = "removal"
+    score_class: Optional[int] = None
     edit_id: str = field(default="", init=False)
 
     @property
@@ -148,20 +175,22 @@ class Editor:
 
     # ---------------------------------------------------------------- entry points
     def remove(self, image_key: str, image: Image.Image, mask: np.ndarray, phrase: str, seed: int,
-               out_dir: str | Path, control: bool = False, relocate: bool = True, pair: str = "") -> Optional[Edit]:
+               out_dir: str | Path, control: bool = False, relocate: bool = True, pair: str = "",
+               test: str = "removal", control_kind: Optional[ControlKind] = None) -> Optional[Edit]:
         """Remove the object under `mask` (or, with `control`, inpaint the same area elsewhere; with
         `relocate=False` too, inpaint `mask` as given: the phrase's mask on another image, whose real edit
         `pair` names).
 
         Returns None only for a control that has no free place (the reason goes to `self.skipped`).
         """
-        req = RemoveRequest(image_key, image, mask, phrase, seed, control, relocate, pair)
+        req = RemoveRequest(image_key, image, mask, phrase, seed, control, relocate, pair, test, control_kind)
         return self.remove_many([req], out_dir)[0]
 
     def change_background(self, image_key: str, image: Image.Image, fg_mask: Optional[np.ndarray], bg_phrase: str,
                           alt_phrase: str, seed: int, out_dir: str | Path, donor: Optional[Donor] = None,
                           control: bool = False, region_mask: Optional[np.ndarray] = None,
-                          control_kind: Optional[ControlKind] = None) -> Edit:
+                          control_kind: Optional[ControlKind] = None, test: str = "removal", pair: str = "",
+                          label: str = "", label_kind: PhraseKind = "background") -> Edit:
         """Change the background `bg_phrase` around the foreground object `fg_mask`, which is kept exactly.
 
         `donor` (image, its foreground mask) is used by the "replace" backend when `background_fill` is
@@ -169,7 +198,7 @@ class Editor:
         limits the change to the background phrase's region.
         """
         req = BackgroundRequest(image_key, image, fg_mask, bg_phrase, alt_phrase, seed, donor, control,
-                                region_mask, control_kind)
+                                region_mask, control_kind, test, pair, label, label_kind)
         out = self.change_background_many([req], out_dir)[0]
         assert out is not None
         return out
@@ -183,6 +212,28 @@ class Editor:
                                out_dir: str | Path) -> list[Optional[Edit]]:
         """Background changes in order (never None); diffusion batched like `remove_many`."""
         jobs: list[Optional[_Job]] = [self._background_job(r) for r in requests]
+        return self._run(jobs, Path(out_dir))
+
+    def paste_many(self, requests: Sequence[PasteRequest], out_dir: str | Path) -> list[Optional[Edit]]:
+        """Insertions (sufficiency tests) in order: compositing only, no model. None when nothing would change
+        (the pasted region lies inside the image's own object)."""
+        jobs = []
+        for r in requests:
+            image = _as_rgb(r.image, r.image_key)
+            size = (image.shape[1], image.shape[0])
+            source = _as_rgb(r.source.resize(size, Image.BICUBIC) if r.source.size != size else r.source,
+                             f"source of {r.image_key}")
+            mask = np.asarray(_mask_pil(_as_mask(r.mask)).resize(size, Image.NEAREST)) > 0
+            if r.keep_mask is not None:
+                mask &= ~_check_mask(r.keep_mask, image, r.phrase, r.image_key, "kept object mask", allow_empty=True)
+            if not mask.any():
+                jobs.append(None)
+                continue
+            instruction = f"{r.phrase} pasted from another image"
+            jobs.append(self._keyed(_Job(r.image_key, r.phrase, r.kind, r.control, r.seed, image, mask, "paste", None,
+                                         instruction, {"source": _digest(source)}, donor=(source, None, None),
+                                         control_kind=r.control_kind if r.control else None, pair=r.pair,
+                                         test="insertion", score_class=r.score_class)))
         return self._run(jobs, Path(out_dir))
 
     def control_mask(self, mask: np.ndarray, seed: int) -> Optional[np.ndarray]:
@@ -208,6 +259,7 @@ class Editor:
             control_kind = "same-area"
         elif r.control:
             control_kind = "matched-image"
+        control_kind = r.control_kind or control_kind if r.control else None
         # 3. backend and its parameters (they key the edit)
         s = self.settings
         backend = s.remove_backend
@@ -220,7 +272,7 @@ class Editor:
         else:
             model_id, instruction, params = None, None, {"method": "telea", "radius": s.opencv_radius_px}
         return self._keyed(_Job(r.image_key, r.phrase, "foreground", r.control, r.seed, image, mask, backend,
-                                model_id, instruction, params, control_kind=control_kind, pair=r.pair))
+                                model_id, instruction, params, control_kind=control_kind, pair=r.pair, test=r.test))
 
     def _background_job(self, r: BackgroundRequest) -> _Job:
         s = self.settings
@@ -257,9 +309,10 @@ class Editor:
             params = {"steps": s.num_inference_steps, "guidance": s.guidance_scale,
                       "image_guidance": s.image_guidance_scale,
                       "work_size": self._work_size(image.shape[1], image.shape[0])}
-            return self._keyed(_Job(r.image_key, r.bg_phrase, "background", r.control, r.seed, image, bg,
+            return self._keyed(_Job(r.image_key, r.label or r.bg_phrase, r.label_kind, r.control, r.seed, image, bg,
                                     "instruct-pix2pix", s.pix2pix_model_id, instruction, params, keep_mask=fg,
-                                    control_kind=(r.control_kind or "same-instruction") if r.control else None))
+                                    control_kind=(r.control_kind or "same-instruction") if r.control else None,
+                                    pair=r.pair, test=r.test))
         # 3. replacement: a donor's background, or a flat fill (a control's flat fill keeps the colour)
         donor = None
         if r.donor is not None and s.background_fill == "other-image":
@@ -276,9 +329,9 @@ class Editor:
         params = {"fill": fill, "radius": s.opencv_radius_px,
                   "donor": None if donor is None else _digest(*donor)}
         kind = r.control_kind or ("same-group-donor" if fill == "donor" else "own-mean-colour")
-        return self._keyed(_Job(r.image_key, r.bg_phrase, "background", r.control, r.seed, image, bg, "replace",
+        return self._keyed(_Job(r.image_key, r.label or r.bg_phrase, r.label_kind, r.control, r.seed, image, bg, "replace",
                                 None, instruction, params, keep_mask=fg, fill=fill, donor=donor,
-                                control_kind=kind if r.control else None))
+                                control_kind=kind if r.control else None, pair=r.pair, test=r.test))
 
     def _prepare_donor_inputs(self, donor: Donor, image: np.ndarray, image_key: str):
         d_img, d_mask = donor[0], donor[1]
@@ -305,6 +358,8 @@ class Editor:
                    "mask": _digest(job.edit_mask), "keep": _digest(job.keep_mask)}
         if job.pair and job.pair != f"{job.image_key}|{job.kind}|{job.phrase}":
             payload["pair"] = job.pair  # a control on another image: its real edit is part of its identity
+        if job.test != "removal":
+            payload.update(test=job.test, score_class=job.score_class, pair=job.pair)
         text = json.dumps(payload, sort_keys=True, default=list)
         job.edit_id = hashlib.sha256(text.encode()).hexdigest()[:20]
         return job
@@ -332,6 +387,8 @@ class Editor:
                 results[i] = _write(job, self._lama_inpaint(job), out_dir)
             elif job.backend == "replace":
                 results[i] = _write(job, self._replace(job), out_dir)
+            elif job.backend == "paste":
+                results[i] = _write(job, _paste(job.image, job.donor[0], job.edit_mask), out_dir)
             else:
                 by_size.setdefault((job.backend, tuple(job.params["work_size"])), []).append((i, job))
         if by_size:
@@ -630,7 +687,8 @@ def _record(job: _Job, out_dir: Path) -> Edit:
                 mask_png=None if job.edit_mask is None else str(out_dir / f"{job.edit_id}.mask.png"),
                 edited_png=str(out_dir / f"{job.edit_id}.png"), backend=job.backend, model_id=job.model_id,
                 seed=job.seed, instruction=job.instruction, control_kind=job.control_kind,
-                pair=job.pair or f"{job.image_key}|{job.kind}|{job.phrase}")
+                pair=job.pair or f"{job.image_key}|{job.kind}|{job.phrase}", test=job.test,
+                score_class=job.score_class)
 
 
 def _cached(job: _Job, out_dir: Path) -> Optional[Edit]:

@@ -86,24 +86,32 @@ class Prober:
 
     def probe(self, edits: Sequence[Edit], samples: dict[str, Sample],
               originals: dict[str, Prediction] | None = None) -> list[Probe]:
-        """One Probe per edit. `originals` caches predictions on source images (filled in place)."""
+        """One Probe per edit. `originals` caches predictions on source images (filled in place).
+
+        The probability read is the image's label's, or the edit's `score_class` (insertion tests read the
+        class whose region was pasted in); an insertion "flips" when the prediction becomes that class."""
         originals = {} if originals is None else originals
-        missing = sorted({e.image for e in edits if e.image not in originals or originals[e.image].margin is None})
         for e in edits:
             if e.image not in samples:
                 raise DataError(f"edit {e.edit_id}: source image {e.image!r} is not in the dataset")
+        label = {e.edit_id: samples[e.image].y if e.score_class is None else e.score_class for e in edits}
+        missing = sorted({e.image for e in edits if e.image not in originals or originals[e.image].margin is None})
         if missing:
             preds = self.predict([samples[i].path for i in missing], [samples[i].y for i in missing])
             originals.update(zip(missing, preds))
-        edited = self.predict([e.edited_png for e in edits], [samples[e.image].y for e in edits])
+        scored = sorted({(e.image, label[e.edit_id]) for e in edits if label[e.edit_id] != samples[e.image].y})
+        other = dict(zip(scored, self.predict([samples[i].path for i, _ in scored], [y for _, y in scored])))
+        edited = self.predict([e.edited_png for e in edits], [label[e.edit_id] for e in edits])
         out = []
         for e, after in zip(edits, edited):
-            before, y = originals[e.image], samples[e.image].y
+            y = label[e.edit_id]
+            before = originals[e.image] if y == samples[e.image].y else other[(e.image, y)]
+            flipped = after.pred == y != before.pred if e.test == "insertion" else after.pred != y
             out.append(Probe(edit_id=e.edit_id, image=e.image, phrase=e.phrase, kind=e.kind, control=e.control, y=y,
                              pred_original=before.pred, pred_edited=after.pred,
                              prob_true_original=before.prob_true, prob_true_edited=after.prob_true,
-                             flipped=after.pred != y, margin_original=before.margin, margin_edited=after.margin,
-                             control_kind=e.control_kind, pair=e.pair_key))
+                             flipped=flipped, margin_original=before.margin, margin_edited=after.margin,
+                             control_kind=e.control_kind, pair=e.pair_key, test=e.test))
         return out
 
 
@@ -134,12 +142,80 @@ def merge_phrase_groups(phrases: Iterable[str], similarity: float = 0.7, *, by_s
     return mapping
 
 
+def colour_histogram(image: np.ndarray, mask: np.ndarray, bins: int = 4) -> np.ndarray:
+    """The normalised RGB histogram (bins³,) of an (H, W, 3) uint8 image's pixels under a bool mask."""
+    px = (np.asarray(image)[np.asarray(mask, bool)] // (256 // bins)).astype(np.int64)  # (n, 3)
+    hist = np.bincount((px[:, 0] * bins + px[:, 1]) * bins + px[:, 2], minlength=bins ** 3).astype(np.float64)
+    return hist / max(1.0, hist.sum())
+
+
+def merge_by_appearance(hists: dict[str, list[np.ndarray]], ratio: float = 0.9) -> dict[str, str]:
+    """Merge groups whose regions look alike: {group: [colour histogram per image]} → {group: merged name}.
+
+    Groups are taken largest first; a group joins an earlier one when the mean histogram intersection between
+    their images reaches `ratio` times the smaller of their own within-group means (so "pond" joins "lake"
+    when pond images resemble lake images as much as lake images resemble each other). A group of one image
+    uses the other's within-group mean. No word is consulted."""
+    def mean_overlap(a: list[np.ndarray], b: list[np.ndarray], same: bool) -> Optional[float]:
+        a, b = np.stack(a[:30]), np.stack(b[:30])  # (na, K), (nb, K)
+        inter = np.minimum(a[:, None, :], b[None, :, :]).sum(-1)  # (na, nb)
+        if same:
+            if len(a) < 2:
+                return None
+            return float(inter[~np.eye(len(a), dtype=bool)].mean())
+        return float(inter.mean())
+
+    order = sorted((g for g in hists if hists[g]), key=lambda g: (-len(hists[g]), g))
+    within = {g: mean_overlap(hists[g], hists[g], True) for g in order}
+    kept: list[str] = []
+    out: dict[str, str] = {}
+    for g in order:
+        home = g
+        for k in kept:
+            ref = [w for w in (within[g], within[k]) if w is not None]
+            if ref and mean_overlap(hists[g], hists[k], False) >= ratio * min(ref):
+                home = k
+                break
+        if home == g:
+            kept.append(g)
+        out[g] = home
+    return out
+
+
 def one_sided_fisher(flips: int, n: int, control_flips: int, control_n: int) -> float:
     """P(real edits flip at least this much more often than controls by chance); 1.0 without data."""
     if n == 0 or control_n == 0:
         return 1.0
     table = [[flips, n - flips], [control_flips, control_n - control_flips]]
     return float(fisher_exact(table, alternative="greater").pvalue)
+
+
+def phrase_groups(probes: Sequence[Probe], settings: ProbeSettings,
+                  background_groups: Optional[dict[str, str]] = None) -> dict[str, dict[str, str]]:
+    """{kind: {phrase: group name}} over the removal probes' phrases (background: the pipeline's groups first)."""
+    mappings = {kind: merge_phrase_groups((p.phrase for p in probes if p.kind == kind and p.test == "removal"),
+                                          settings.merge_similarity, by_scene=kind == "background")
+                for kind in ("foreground", "background")}
+    mappings["background"].update(background_groups or {})
+    return mappings
+
+
+def joint_summary(probes: Sequence[Probe], findings: Sequence[Finding], class_names: Sequence[str],
+                  all_phrase: str, seed: int = 0) -> dict[str, dict]:
+    """Per class with joint-removal pairs: the combined effect of removing every candidate group (vs all their
+    controls), its interval and p-value, and each group's share (its joint effect over the combined effect)."""
+    out = {}
+    for y, name in enumerate(class_names):
+        pairs = _pairs([p for p in probes if p.test == "joint" and p.y == y and p.phrase == all_phrase])
+        if not pairs:
+            continue
+        d = np.array([r.prob_drop - c.prob_drop for r, c in pairs])
+        combined = float(d.mean())
+        shares = {f.phrase: (round(f.joint_effect / combined, 3) if combined > 0 else None)
+                  for f in findings if f.class_index == y and f.joint_effect is not None}
+        out[name] = {"effect": combined, "effect_ci": bootstrap_ci(d, _stable_seed(seed, y, all_phrase)),
+                     "p_value": paired_test(d), "pairs": len(pairs), "shares": shares}
+    return out
 
 
 def paired_test(d: np.ndarray) -> float:
@@ -178,21 +254,31 @@ def rank_key(f: Finding) -> tuple:
     return (-f.spurious, -f.effect, f.q_value, f.p_value, f.class_, f.phrase)
 
 
+def _pairs(items: Sequence[Probe]) -> list[tuple[Probe, Probe]]:
+    """(real, control) probes that share a pair key, in the real probes' order."""
+    controls = {p.pair_key: p for p in items if p.control}
+    return [(p, controls[p.pair_key]) for p in items if not p.control and p.pair_key in controls]
+
+
 def _stable_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str],
-                       settings: ProbeSettings | None = None) -> list[Finding]:
-    """Findings per (class, phrase group, kind), strongest first; q-values over all of them."""
+def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str], settings: ProbeSettings | None = None,
+                       background_groups: Optional[dict[str, str]] = None) -> list[Finding]:
+    """Findings per (class, phrase group, kind), strongest first; q-values over all of them.
+    `background_groups` ({phrase: group}, the pipeline's, which also merges by appearance) names the groups of
+    background phrases it knows; other phrases are merged by text."""
     settings = settings or ProbeSettings()
     # 1. group the probes; a real edit and its control share a pair key
-    mappings = {kind: merge_phrase_groups((p.phrase for p in probes if p.kind == kind), settings.merge_similarity,
-                                          by_scene=kind == "background")
-                for kind in ("foreground", "background")}
+    # (insertion and joint edits are named by the group they test)
+    mappings = phrase_groups(probes, settings, background_groups)
     groups: dict[tuple[int, str, str], list[Probe]] = defaultdict(list)
+    by_test: dict[str, dict[tuple[int, str, str], list[Probe]]] = defaultdict(lambda: defaultdict(list))
     for p in probes:
-        groups[(p.y, mappings[p.kind][lexicon.normalize(p.phrase)], p.kind)].append(p)
+        name = lexicon.normalize(p.phrase)
+        key = (p.y, mappings[p.kind].get(name, name), p.kind)
+        (groups if p.test == "removal" else by_test[p.test])[key].append(p)
 
     # 2. per group: paired differences, the paired test, the flip test
     rows = []
@@ -201,8 +287,7 @@ def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str],
         control = [p for p in items if p.control]
         if not real:
             continue
-        controls = {p.pair_key: p for p in control}
-        pairs = [(r, controls[r.pair_key]) for r in real if r.pair_key in controls]
+        pairs = _pairs(items)
         d = np.array([r.prob_drop - c.prob_drop for r, c in pairs])
         margins = [(r.margin_original - r.margin_edited) - (c.margin_original - c.margin_edited)
                    for r, c in pairs if None not in (r.margin_original, r.margin_edited, c.margin_original,
@@ -224,18 +309,34 @@ def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str],
             control_kind="+".join(sorted({c.control_kind or "same-area" for _, c in pairs})),
             flipped_edits=[p.edit_id for p in real if p.flipped],
             top_edits=[e for drop, e in by_drop if drop > 0][:settings.max_edits_per_class]))
+        # the insertion test of the same group: the rise of the class's probability, real paste - control paste
+        rise = np.array([c.prob_drop - r.prob_drop for r, c in _pairs(by_test["insertion"].get((y, name, kind), []))])
+        if len(rise):
+            rows[-1].update(insertion_effect=float(rise.mean()), insertion_p_value=paired_test(rise),
+                            insertion_pairs=len(rise))
+        # joint removal: all candidates removed vs all but this group's control
+        joint = np.array([r.prob_drop - c.prob_drop for r, c in _pairs(by_test["joint"].get((y, name, kind), []))])
+        if len(joint):
+            rows[-1].update(joint_effect=float(joint.mean()), joint_p_value=paired_test(joint), joint_pairs=len(joint))
 
     # 3. false-discovery control over every test of the run that can reach significance: a group with fewer
     #    than min_occurrences pairs, or too few for the paired test's smallest p-value (2^-n) to pass alpha,
     #    can never be flagged and is left out of the family (Tarone's rule for discrete tests)
-    tested = [r for r in rows if r["pairs"] >= min_testable_pairs(settings)]
-    for r, q in zip(tested, q_values([r["p_value"] for r in tested])):
-        r["q_value"] = q
+    least = min_testable_pairs(settings)
+    family = [(r, "p_value", "q_value") for r in rows if r["pairs"] >= least]
+    family += [(r, "insertion_p_value", "insertion_q_value") for r in rows if r.get("insertion_pairs", 0) >= least]
+    family += [(r, "joint_p_value", "joint_q_value") for r in rows if r.get("joint_pairs", 0) >= least]
+    for (r, p_key, q_key), q in zip(family, q_values([r[p_key] for r, p_key, _ in family])):
+        r[q_key] = q
     findings = []
     for r in rows:
         r.setdefault("q_value", 1.0)
-        r["spurious"] = bool(r["occurrences"] >= settings.min_occurrences and r["q_value"] < settings.alpha
-                             and r["effect"] >= settings.min_effect)
+        r.pop("insertion_pairs", None)
+        r.pop("joint_pairs", None)
+        alone = r["q_value"] < settings.alpha and r["effect"] >= settings.min_effect
+        jointly = (r.get("joint_q_value") or 1.0) < settings.alpha and (r.get("joint_effect") or 0.0) >= settings.min_effect
+        r["joint"] = bool(jointly and not alone)  # it matters only once the class's other candidates are gone
+        r["spurious"] = bool(r["occurrences"] >= settings.min_occurrences and (alone or jointly))
         findings.append(Finding(**r))
     findings.sort(key=rank_key)
     return findings

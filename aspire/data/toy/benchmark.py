@@ -62,15 +62,16 @@ def attr_value(spec: BenchmarkSpec, scene: Scene) -> int:
     return int(own or scene.y in spec.place_spurious_for[place])
 
 
-def write_benchmark(name: str, out: str | Path, *, seed: int = 0, scale: int = 1, size_px: int = 64,
+def write_benchmark(name: str | BenchmarkSpec, out: str | Path, *, seed: int = 0, scale: int = 1, size_px: int = 64,
                     sizes: Optional[dict[str, int]] = None, workers: Optional[int] = None,
                     progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Build benchmark `name` into `out` (refused when it exists and is not empty); returns a summary.
+    """Build benchmark `name` (a built-in's name, or a spec of one's own) into `out` (refused when it exists and
+    is not empty); returns a summary.
     `sizes` (images per class per split) overrides the default sizes times `scale` (tests use it).
     `workers` processes render in parallel (default: the CPU count for large sets, else 1); the files
     are the same whatever the number of workers."""
     # 1. check inputs
-    if name not in BENCHMARKS:
+    if isinstance(name, str) and name not in BENCHMARKS:
         raise ConfigError(f"unknown toy benchmark {name!r}: expected one of {', '.join(BENCHMARKS)}")
     if int(scale) < 1:
         raise ConfigError(f"--scale must be at least 1, got {scale}")
@@ -83,7 +84,8 @@ def write_benchmark(name: str, out: str | Path, *, seed: int = 0, scale: int = 1
         if not out.is_dir() or any(out.iterdir()):
             raise DataError(f"{out}: output folder already exists and is not empty; choose another --out or remove it")
         out.rmdir()
-    spec = BENCHMARKS[name]()
+    spec = BENCHMARKS[name]() if isinstance(name, str) else name
+    name = spec.name
     _check_spec(spec)
 
     # 2. sample every scene first, then render them
