@@ -288,14 +288,14 @@ def _findings_table(findings: list, title: str) -> None:
 
     table = Table(title=title, title_justify="left")
     for col, justify in (("class", "left"), ("phrase", "left"), ("kind", "left"), ("edits", "right"),
-                         ("effect [95% CI]", "right"), ("q-value", "right"), ("control kind", "left"),
-                         ("flip rate", "right"), ("control", "right"), ("spurious", "left")):
+                         ("effect [95% CI]", "right"), ("q", "right"), ("flips / ctrl", "right"), ("spurious", "left")):
         table.add_column(col, justify=justify)
     for f in findings:
         lo, hi = f.effect_ci
-        table.add_row(f.class_, f.phrase, f.kind, str(f.occurrences), f"{f.effect:+.3f} [{lo:+.3f}, {hi:+.3f}]",
-                      f"{f.q_value:.2g}", f.control_kind or "none", f"{f.flip_rate:.2f}",
-                      f"{f.control_flip_rate:.2f}", "yes" if f.spurious else "", style="bold" if f.spurious else None)
+        table.add_row(f.class_, f.phrase, "bg" if f.kind == "background" else "fg", str(f.occurrences),
+                      f"{f.effect:+.2f} [{lo:+.2f},{hi:+.2f}]", f"{f.q_value:.1g}",
+                      f"{f.flip_rate:.2f}/{f.control_flip_rate:.2f}",
+                      ("joint" if f.joint else "yes") if f.spurious else "", style="bold" if f.spurious else None)
     out.print(table)
 
 
@@ -341,8 +341,13 @@ def probe_cmd(
         return
     c = result.counts
     err.print(f"{c.holdout} hold-out images, {c.edits} edits + {c.control_edits} controls, "
+              f"{c.insertion_edits} insertion and {c.joint_edits} joint-removal edits, "
               f"{c.not_grounded} phrases not grounded, {c.phrase_failures} phrase failures", highlight=False)
     _findings_table(result.findings, f"findings ({len([f for f in result.findings if f.spurious])} spurious)")
+    for name, j in result.joint.items():
+        err.print(f"{name}: removing its {len(j['shares'])} candidate groups together drops P({name}) by "
+                  f"{j['effect']:+.3f} [{j['effect_ci'][0]:+.3f}, {j['effect_ci'][1]:+.3f}] beyond their controls "
+                  f"({j['pairs']} images, p={j['p_value']:.2g})", highlight=False)
     out.print(f"run: {result.run_dir}", highlight=False)
 
 

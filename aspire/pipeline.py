@@ -27,9 +27,10 @@ from aspire.schemas import Caption, Edit, Finding, PhraseSet, Probe, Region, Sam
 from aspire.progress import step_progress
 from aspire.store import RunStore
 from aspire.tools import lexicon
+from aspire.tools.edit import PasteRequest, find_control
 from aspire.tools.ground import region_kind
 from aspire.tools.probe import (Prediction, Prober, aggregate_findings, colour_histogram, joint_summary,
-                                merge_by_appearance, merge_phrase_groups)
+                                merge_by_appearance, merge_phrase_groups, min_testable_pairs)
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
 
@@ -285,9 +286,10 @@ class ProbePipeline:
         return self._backgrounds[key]
 
     def background_groups(self) -> dict[str, str]:
-        """{background phrase: group} over the hold-out's backgrounds: near-duplicate phrases merged, then groups
-        whose regions look alike (colour histograms, `merge_by_appearance`). Computed once, kept in the store
-        (meta `background_groups`): the donors and the findings use the same groups."""
+        """{background phrase: group} over the hold-out's backgrounds. Phrases whose regions were found are grouped
+        by how their regions look (colour histograms, `merge_by_appearance`): "pond" joins "lake" because pond
+        images look like lake images, whatever the words; the others by text (near-duplicate phrases). Computed
+        once, kept in the store (meta `background_groups`): the donors and the findings use the same groups."""
         if self._bg_groups is None:
             self._bg_groups = self.store.get_meta("background_groups")
         if self._bg_groups is None:
@@ -298,9 +300,9 @@ class ProbePipeline:
             for key, (phrase, region) in sorted(found.items()):
                 if region is not None and region.any():
                     image = np.asarray(load_image(self.samples[key].path))
-                    hists.setdefault(by_text[lexicon.normalize(phrase)], []).append(colour_histogram(image, region))
+                    hists.setdefault(lexicon.normalize(phrase), []).append(colour_histogram(image, region))
             looks = merge_by_appearance(hists)
-            self._bg_groups = {p: looks.get(g, g) for p, g in by_text.items()}
+            self._bg_groups = {p: looks.get(p, looks.get(g, g)) for p, g in by_text.items()}
             self.store.set_meta("background_groups", self._bg_groups)
         return self._bg_groups
 
@@ -384,8 +386,7 @@ class ProbePipeline:
             same, kind = (image, fg_mask, region if region is not None else ~fg_mask), "self-donor"
         else:
             kind = "same-group-donor"
-        alt_name = other[3] if len(other) > 3 else phrase
-        real = editor.change_background(sample.image, image, fg_mask, phrase, alt_name, seed, out_dir,
+        real = editor.change_background(sample.image, image, fg_mask, phrase, other[3], seed, out_dir,
                                         donor=other[:3] if region is not None else other[:2], region_mask=region)
         control = editor.change_background(sample.image, image, fg_mask, phrase, phrase, seed, out_dir,
                                            donor=same[:3] if region is not None else same[:2], control=True,
@@ -417,14 +418,18 @@ class ProbePipeline:
             return load_image(self.samples[key].path), mask, region, bg[0]
         return None
 
-    def test_further(self, findings: Sequence[Finding]) -> None:
-        """The tests beyond single removal, for the testable groups of `findings`: insertion and joint removal."""
-        self.insert_regions(findings)
-        self.remove_jointly(findings)
+    def test_further(self, findings: Sequence[Finding], max_edits: Optional[int] = None) -> None:
+        """The tests beyond single removal, for the testable groups of `findings`: insertion and joint removal,
+        within `max_edits` edits in the run (the agent's budget; a group or image that would pass it is left out)."""
+        self.insert_regions(findings, max_edits)
+        self.remove_jointly(findings, max_edits)
         self.probe()
 
+    def _fits(self, max_edits: Optional[int], more: int) -> bool:
+        return max_edits is None or self.store.count("edit") + more <= max_edits
+
     # ------------------------------------------------------------ 4d. insertion (sufficiency)
-    def insert_regions(self, findings: Sequence[Finding]) -> list[Edit]:
+    def insert_regions(self, findings: Sequence[Finding], max_edits: Optional[int] = None) -> list[Edit]:
         """For every testable group, its region pasted into hold-out images of the other classes (at the same place,
         their own object kept), each with a control paste: for an object, a region of the same area from elsewhere in
         the source image; for a background, the same region from an image of another background group. The test
@@ -432,15 +437,13 @@ class ProbePipeline:
         n = self.config.probe.insertion_images
         if n <= 0:
             return []
-        from aspire.tools.probe import min_testable_pairs
-
-        edits = {e.edit_id: e for e in self.store.all("edit", Edit)}
-        real = [e for e in edits.values() if e.test == "removal" and not e.control and e.mask_png]
+        real = [e for e in self.store.all("edit", Edit) if e.test == "removal" and not e.control and e.mask_png]
         holdout = self.holdout()
         out_dir = self.store.folder("edits")
         for f in findings:
             marker = f"{f.class_index}|{f.kind}|{f.phrase}"
-            if f.pairs < min_testable_pairs(self.config.probe) or self.store.has("inserted", marker):
+            if (f.pairs < min_testable_pairs(self.config.probe) or self.store.has("inserted", marker)
+                    or not self._fits(max_edits, 2 * n)):
                 continue
             members = set(f.phrases) | {f.phrase}
             sources = sorted((e for e in real if e.kind == f.kind and self.samples[e.image].y == f.class_index
@@ -459,8 +462,6 @@ class ProbePipeline:
 
     def _paste_pair(self, f: Finding, source: Edit, target: Sample, seed: int, holdout: Sequence[Sample]) -> list:
         """The real paste of `source`'s region into `target` and its control paste (none when none can be made)."""
-        from aspire.tools.edit import PasteRequest, find_control
-
         src_image = load_image(self.samples[source.image].path)
         mask = load_mask(source.mask_png)
         keep = self.object_mask(target)
@@ -485,7 +486,7 @@ class ProbePipeline:
         return [PasteRequest(source=src_image, mask=mask, **common), control]
 
     # ------------------------------------------------------------ 4e. joint removal (redundant shortcuts)
-    def remove_jointly(self, findings: Sequence[Finding]) -> list[Edit]:
+    def remove_jointly(self, findings: Sequence[Finding], max_edits: Optional[int] = None) -> list[Edit]:
         """Per class, its candidate groups (testable, and removing each alone does not clearly raise the class's
         probability: effect_ci's upper end >= 0) removed together from hold-out images showing at least two.
 
@@ -498,8 +499,6 @@ class ProbePipeline:
         n = self.config.probe.joint_images
         if n <= 0:
             return []
-        from aspire.tools.probe import min_testable_pairs
-
         least = min_testable_pairs(self.config.probe)
         real = [e for e in self.store.all("edit", Edit) if e.test == "removal" and not e.control and e.mask_png]
         for y in self.class_ids:
@@ -518,6 +517,8 @@ class ProbePipeline:
             random.Random(edit_seed(self.seed, "joint", marker)).shuffle(images)
             made: list[Edit] = []
             for key in images[:n]:
+                if not self._fits(max_edits, len(made) + 2 * (len(parts[key]) + 1)):
+                    break
                 made += self._joint_edits(self.samples[key], list(parts[key].values()))
             self.store.put_many("edit", [(e.edit_id, e) for e in made])
             self.store.put("joint", marker, {"images": min(n, len(images)), "edits": len(made)})
@@ -525,8 +526,6 @@ class ProbePipeline:
 
     def _joint_edits(self, sample: Sample, parts: list[tuple[Finding, Edit]]) -> list[Edit]:
         """The "all" edit (one per group, and one for the class), each group's control, the class control."""
-        from aspire.tools.edit import find_control
-
         image = load_image(sample.path)
         fg_mask = self.object_mask(sample)
         ops = []  # (finding, real op, control op); an op: ("remove", mask) or ("background", phrase, region, donor, kind)

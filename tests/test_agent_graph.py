@@ -25,6 +25,7 @@ from aspire.agent.llm import LLMPlanner
 from aspire.agent.planner import OfflinePlanner, group_key
 from aspire.config import load_config
 from aspire.data.formats import load_dataset
+from aspire.pipeline import ALL_CANDIDATES
 from aspire.schemas import Edit, Probe
 from aspire.store import RunStore
 from known_classifier import RedMeansWidget
@@ -130,9 +131,13 @@ def test_offline_planner_probes_by_lift_and_stops_when_findings_are_stable(world
     assert outcomes[("widget", "red cube")]["result"] == "spurious"
     assert outcomes[("widget", "red cube")]["flip_rate"] == 1.0
     assert {k for k, o in outcomes.items() if o["result"] == "spurious"} == {("widget", "red cube")}
-    # only the hypotheses' phrases were edited: nothing else was spent
-    assert {(p.y, p.phrase) for p in store.all("probe", Probe)} == {
+    # only the hypotheses' phrases were edited: nothing else was spent (insertion and joint tests name the
+    # hypotheses' groups, or the class's joint pair of all of them)
+    probes = store.all("probe", Probe)
+    assert {(p.y, p.phrase) for p in probes if p.test == "removal"} == {
         (0, "blue disk"), (1, "red cube"), (0, "green bar"), (1, "yellow star")}
+    assert {p.phrase for p in probes if p.test != "removal"} <= {
+        "blue disk", "red cube", "green bar", "yellow star", ALL_CANDIDATES}
     # the approval payload: the proposed repair and its cost
     red = group_key(1, "foreground", "red cube")
     assert result.pending["proposed"] == [red]

@@ -20,6 +20,7 @@ from rich.console import Console
 from aspire.agent.chat import ChatSession, RunTools, terminal_approver
 from aspire.agent.planner import group_key
 from aspire.config import AgentSettings
+from aspire.schemas import Probe
 from llm_server import LoopbackLLM, content, tool_call
 from test_agent_graph import make_ctx, world  # noqa: F401 - the world fixture
 
@@ -110,9 +111,12 @@ def test_tools_answer_from_the_store_and_probe_on_demand(world, tmp_path):  # no
     assert stats["groups"][0]["phrase"] == "red cube" and stats["groups"][0]["tested"]
     # probing an untested phrase now: recorded with its reason and outcome
     probes_before = ctx.pipeline.store.count("probe")
+    probes_before_removal = sum(p.test == "removal" for p in ctx.pipeline.store.all("probe", Probe))
     result = tools.probe("1", "blue disk")
     assert result["result"] == "not spurious" and result["edits"] == 16
-    assert ctx.pipeline.store.count("probe") == probes_before + 32
+    probes = ctx.pipeline.store.all("probe", Probe)
+    assert sum(p.test == "removal" for p in probes) == probes_before_removal + 32   # 16 edits, 16 controls
+    assert len(probes) > probes_before   # and the insertion and joint tests of the groups testable now
     assert ctx.pipeline.store.events("outcome")[-1]["source"] == "chat"
     with pytest.raises(Exception, match="unknown class"):
         tools.findings("spaceship")

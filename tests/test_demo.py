@@ -32,13 +32,15 @@ def test_demo_runs_the_whole_method_offline(tmp_path):
     assert result["status"] == "done" and Path(result["run_dir"]) == (out / "run").resolve()
     store = RunStore(result["run_dir"])
     assert store.get_meta("kind") == "audit" and store.get_meta("record")["planner"] == "offline"
-    assert result["findings"] and all({"class", "phrase", "kind", "occurrences", "flips", "flip_rate",
-                                       "control_flip_rate", "p_value", "spurious"} <= set(f) for f in result["findings"])
+    contract = {"class", "phrase", "kind", "occurrences", "flips", "flip_rate", "control_flip_rate", "p_value",
+                "spurious", "q_value", "effect", "effect_ci", "control_kind", "flip_p_value", "insertion_effect",
+                "insertion_p_value", "joint"}
+    assert result["findings"] and all(contract <= set(f) for f in result["findings"])
     assert store.events("hypothesis") and store.events("outcome")
     assert {h["source"] for h in store.events("hypothesis")} == {"planner"}
-    # at this size the ERM model relies on the background: significant findings, repaired
-    assert any(f["p_value"] < 0.05 and f["flips"] for f in result["findings"])
-    assert store.get_meta("record")["demo"]["augment_select"] == "significant"
+    # at this size the ERM model relies on the background: spurious findings, repaired
+    assert any(f["spurious"] and f["q_value"] < 0.05 for f in result["findings"])
+    assert store.get_meta("record")["demo"]["augment_select"] == "spurious"
     assert result["approvals"] == {"generate": "approve", "retrain": "approve"}
     assert result["augmented"]["n_images"] > 0 and Path(result["augmented"]["dir"]).is_dir()
     assert Path(result["models"]["after"]).is_file()

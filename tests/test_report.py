@@ -257,8 +257,11 @@ def test_json_summary_matches_the_store(report_runs, full_report):
                  for f in summary["findings"]}
         assert shown == recorded
         edits = store.all("edit", Edit)
-        assert summary["counts"]["edits"] == sum(not e.control for e in edits)
-        assert summary["counts"]["control_edits"] == sum(e.control for e in edits)
+        removal = [e for e in edits if e.test == "removal"]
+        assert summary["counts"]["edits"] == sum(not e.control for e in removal)
+        assert summary["counts"]["control_edits"] == sum(e.control for e in removal)
+        assert summary["counts"]["insertion_edits"] == sum(e.test == "insertion" for e in edits) > 0
+        assert summary["counts"]["joint_edits"] == sum(e.test == "joint" for e in edits)
         assert summary["counts"]["holdout"] == len(store.get_meta("holdout"))
         assert summary["counts"]["skipped"] == len(store.events("skipped"))
         assert summary["accuracy"] == store.get_meta("evaluation")

@@ -159,7 +159,7 @@ class RunTools:
         probes = {p.edit_id: p for p in self.store.all("probe", Probe)}
         rows = []
         for e in self.store.all("edit", Edit):
-            if not lexicon.same_phrase(e.phrase, phrase):
+            if e.test != "removal" or not lexicon.same_phrase(e.phrase, phrase):
                 continue
             pr = probes.get(e.edit_id)
             if y is not None and (pr is None or pr.y != y):
@@ -190,6 +190,7 @@ class RunTools:
         # 2. edit, classify, aggregate
         p.make_edits(only_phrases={y: set(members)})
         p.probe()
+        p.test_further(p.findings())
         findings = p.findings()
         kind = group.kind if group else "foreground"
         f = finding_for(findings, y, kind, members)

@@ -263,6 +263,7 @@ def probe(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
         only[h["class_index"]].update(h["phrases"] or [h["phrase"]])
     p.make_edits(only_phrases=dict(only))
     p.probe()
+    p.test_further(p.findings(), ctx.config.agent.max_edits)   # insertion and joint removal, within the budget
     findings = p.findings()
 
     # 2. each hypothesis's outcome (logged once)

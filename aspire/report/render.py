@@ -182,8 +182,10 @@ class RunReport:
             "phrase_failures": sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed),
             "regions": len(regions),
             "not_grounded": sum(not_grounded.values()),
-            "edits": sum(1 for e in edits if not e.control),
-            "control_edits": sum(1 for e in edits if e.control),
+            "edits": sum(1 for e in edits if not e.control and e.test == "removal"),
+            "control_edits": sum(1 for e in edits if e.control and e.test == "removal"),
+            "insertion_edits": sum(1 for e in edits if e.test == "insertion"),
+            "joint_edits": sum(1 for e in edits if e.test == "joint"),
             "probes": self.store.count("probe"),
             "skipped": sum(skipped.values()),
             "findings": len(findings),
@@ -304,7 +306,7 @@ class RunReport:
                   generated_by_edit: dict[str, list[Path]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per finding (spurious first) up to max_examples edits, flipping ones first, with Grad-CAM."""
         # 1. pick the examples: the finding's real edits, flips first, then by the drop in the true class
-        probes = self.store.all("probe", Probe)
+        probes = [p for p in self.store.all("probe", Probe) if p.test == "removal"]  # the galleries show removals
         edits = {e.edit_id: e for e in self.store.all("edit", Edit)}
         controls = {p.pair_key: p for p in probes if p.control}
         data_root = (self.store.get_meta("args") or {}).get("data")

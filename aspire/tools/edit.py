@@ -623,18 +623,16 @@ def _check_mask(mask: Optional[np.ndarray], image: np.ndarray, phrase: str, key:
 
 
 def _region_fill(donor: np.ndarray, region: np.ndarray, target: np.ndarray, radius: int) -> np.ndarray:
-    """An image of the target's size whose pixels over `target`'s bounding box come from the donor's `region`:
-    the donor outside its region inpainted from the region's pixels, then its region's bounding box resized
-    onto the target's bounding box. (H, W, 3) uint8."""
+    """An image of the donor's size whose pixels come from the donor's `region` at the same places: where the
+    region does not reach (over the target's pixels outside it), inpainted from the region's own pixels, so the
+    donor's texture keeps its scale and nothing of the donor outside its region is used. (H, W, 3) uint8."""
     H, W = target.shape
-    filled = _telea(donor, ~region, radius) if not region.all() else donor
-    ys, xs = np.nonzero(region)
-    crop = filled[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    ty, tx = np.nonzero(target)
-    y0, y1, x0, x1 = ty.min(), ty.max() + 1, tx.min(), tx.max() + 1
-    out = np.zeros((H, W, 3), np.uint8)
-    out[y0:y1, x0:x1] = np.asarray(Image.fromarray(crop).resize((x1 - x0, y1 - y0), Image.BICUBIC))
-    return out
+    if donor.shape[:2] != (H, W):  # another size: the donor and its region resized to the target's
+        donor = np.asarray(Image.fromarray(donor).resize((W, H), Image.BICUBIC))
+        region = np.asarray(_mask_pil(region).resize((W, H), Image.NEAREST)) > 0
+    if not (target & ~region).any() or not region.any():
+        return donor
+    return _telea(donor, ~region, radius)  # the donor outside its region, inpainted from the region
 
 
 def _mask_pil(mask: np.ndarray) -> Image.Image:
