@@ -1,5 +1,11 @@
 """Steps 1-4 of the method as a plain pipeline (no agent): hold-out → caption → phrases → edit → probe.
 
+Editing (4a/4b): every phrase of a caption is grounded, and its mask, not its word, says whether it is an
+object (removed, with a same-area control, else the same mask on a matched image) or the background (its
+region laid over with the background of a hold-out image of another group, with a same-group control).
+Background groups come from how the regions look. Then, for the groups that can be tested, the insertion
+(sufficiency) test and joint removal (redundant shortcuts): `test_further`.
+
 `ProbePipeline` is what `aspire probe` runs and what the agent's nodes call step by step. Every step
 reads what earlier steps recorded in the run store and writes its own records there, skipping work that
 is already recorded: a killed run resumes where it stopped, and re-running a step neither loses nor

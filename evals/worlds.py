@@ -22,8 +22,9 @@ from aspire.data.toy.spec import BenchmarkSpec, ClassSpec, ElementSpec, PlaceSpe
 
 def null_world() -> BenchmarkSpec:
     base = waterbirds_spec()
-    even = tuple(replace(e, p_train=(0.4, 0.4), p_eval=(0.4, 0.4)) for e in base.elements)
-    return replace(base, name="null", place_train=((0.5, 0.5), (0.5, 0.5)), elements=even)
+    even = tuple(replace(e, p_train=(0.4, 0.4), p_eval=(0.4, 0.4), spurious_for=()) for e in base.elements)
+    return replace(base, name="null", place_train=((0.5, 0.5), (0.5, 0.5)), place_spurious_for=((), ()),
+                   elements=even)
 
 
 def redundant_world() -> BenchmarkSpec:

@@ -6,30 +6,33 @@ Backends behind one `Editor`, chosen by `EditSettings`:
   prompt, seeded), "lama" (a big-lama TorchScript file: `model(image (1,3,H,W) in [0,1], mask (1,1,H,W) in
   {0,1}) -> (1,3,H,W) in [0,1]`), "opencv" (cv2.inpaint Telea; offline).
 - background (`background_backend`): "instruct-pix2pix" (diffusers StableDiffusionInstructPix2PixPipeline,
-  instruction `turn the background of {bg} into {alt}`), "replace" (offline: every pixel outside the
-  foreground object's mask replaced by a neutral grey, or by a donor image's background whose own object
-  was inpainted away first).
+  instruction `turn the background of {bg} into {alt}`), "replace" (offline: the background region, or every
+  pixel outside the foreground object's mask, replaced by a neutral grey, or by a donor image's background:
+  its region's pixels at the same places, the rest inpainted from them; without a region, the donor's whole
+  background with its own object inpainted away).
+- insertion (`paste_many`, no model): a region of another image pasted at the same place, the image's own
+  object kept (the sufficiency test).
 
 Whatever the backend, only the pixels an edit is meant to change change: generated pixels are pasted back
 inside the removal mask (outside it the image is exact), and the foreground object is pasted back over a
 changed background. Diffusion works at `working_size_px` (a multiple of 8) and is resized back.
 
-Controls. A flip after an edit means "this phrase matters" only if editing something else of the same
-kind does not flip the classifier as often. Every real edit therefore has a control edit (`control=True`)
-that keeps the size and the artefacts of the operation and drops the phrase:
+Controls. A change of the classifier after an edit means "this phrase matters" only if editing something
+else the same way does not change it as much. Every real edit therefore has a control edit (`control=True`,
+its `control_kind` recorded) that keeps the size and the artefacts of the operation and drops the phrase:
 
 - removal: the same backend inpaints a mask of the same area at a random place that does not touch the
   phrase's mask (not even after dilating it by `control_gap_px`): the phrase's mask translated when it fits,
-  otherwise a random rectangle of exactly the same area. No free place (the mask covers too much): no
-  control, and the reason is kept in `Editor.skipped`.
+  otherwise a random rectangle of exactly the same area ("same-area"). No free place (the mask covers too
+  much): None, with the reason in `Editor.skipped`; the caller may then ask for the phrase's mask on another
+  image of the class (`relocate=False`: "matched-image").
 - background: the same operation keeping the kind of background. InstructPix2Pix: the instruction with
-  alt = bg ("turn the background of water into water"). Replacement with donors: a donor from the caller
-  with the same background phrase (with none at hand, the image itself as donor gives the compositing
-  artefacts alone). Without a donor the real edit is a flat neutral grey and its control a flat fill with
-  the background's own mean colour.
+  alt = bg ("turn the background of water into water", "same-instruction"). Replacement with donors: a donor
+  from the caller whose background is of the same group ("same-group-donor"; the image itself as donor gives
+  the compositing artefacts alone: "self-donor"). Without a donor the real edit is a flat neutral grey and its
+  control a flat fill with the background's own mean colour ("own-mean-colour").
 
-Comparing flip rates of real edits and controls separates "this phrase matters" from "any edit of that
-size, or any editing artefact, flips the classifier" (tools/probe.py runs the test).
+tools/probe.py pairs each real edit with its control (`Edit.pair`) and tests the paired differences.
 
 Files. Each edit is keyed by `edit_id`, a stable hash of source image key, phrase, kind, control, backend,
 model id, seed, instruction, the masks and the backend's parameters; under `out_dir` it writes

@@ -9,15 +9,22 @@ off the phrase's mask, the same mask on another image of the class, a background
     effect      = mean(d_i), with a bootstrap 95% interval (effect_ci)
     p_value     = one-sided Wilcoxon signed-rank test of d_i > 0 (zeros ranked, Pratt)
     q_value     = p_value adjusted by Benjamini-Yekutieli over every test of the run (all classes, groups and
-                  kinds, whatever round or planner chose them): valid under any dependence between tests
-    spurious    = occurrences >= min_occurrences and q_value < alpha and effect >= min_effect
+                  kinds, whatever round or planner chose them, the insertion and joint tests included): valid
+                  under any dependence between tests. A test with fewer pairs than could ever reach alpha
+                  (2^-n >= alpha, or n < min_occurrences) is left out of the family (Tarone's rule).
+    insertion_* = the same paired statistics on the rise of the class's probability when the group's region is
+                  pasted into other classes' images (Edit.test == "insertion"): sufficiency beside necessity
+    joint_*     = the same on joint removal (Edit.test == "joint"): every candidate group of the class removed
+                  vs all of them but this group's control
+    spurious    = occurrences >= min_occurrences, and q_value < alpha with effect >= min_effect, or the same
+                  for the joint test (then `joint`: it matters only once the class's other candidates are gone)
     flip_rate   = flips / occurrences (the method's score, kept as a severity column), with
     flip_p_value = one-sided Fisher exact test: real edits flip more often than controls
 
 margin_effect is the same mean paired drop on the logit margin (true class minus the best other).
 A real edit without a control is not a pair: it counts in `occurrences` and flip rates but not in the test.
 Near-duplicate phrases (same lemma, or similarity >= merge_similarity) are merged into one group named by its
-most frequent phrase.
+most frequent phrase; background phrases take the pipeline's groups (by how their regions look) when given.
 """
 
 from __future__ import annotations
