@@ -152,7 +152,7 @@ def select_edits(store: RunStore, class_names: Sequence[str], class_ids: Sequenc
     for y in class_ids:
         name = class_names[y]
         mine = sorted((f for f in findings if f.class_index == y), key=rank_key)
-        qualifies = {"spurious": lambda f: f.spurious, "significant": lambda f: f.q_value < config.probe.alpha,
+        qualifies = {"spurious": lambda f: f.spurious, "significant": lambda f: min(f.q_value, f.joint_q_value or 1.0) < config.probe.alpha,
                      "flipping": lambda f: bool(f.flipped_edits), "given": lambda f: finding_key(f) in chosen}[mode]
         top = [f for f in mine if qualifies(f) and f.evidence_edits]
         if not top:

@@ -314,7 +314,11 @@ class ProbePipeline:
 
     def _background_group(self, phrase: str) -> str:
         key = lexicon.normalize(phrase)
-        return self.background_groups().get(key, key)
+        groups = self.background_groups()
+        if key in groups:
+            return groups[key]
+        near = next((p for p in sorted(groups) if lexicon.same_phrase(key, p, self.config.probe.merge_similarity)), None)
+        return groups[near] if near is not None else key
 
     def _edit_image(self, sample: Sample, phrases: Optional[PhraseSet], only, all_sets: dict[str, PhraseSet]) -> None:
         if phrases is None or phrases.failed:
@@ -369,6 +373,9 @@ class ProbePipeline:
     def _background_change(self, sample: Sample, image, phrase: str, region: Optional[np.ndarray],
                            fg_mask: Optional[np.ndarray], phrases: PhraseSet, editor, out_dir: Path) -> list[Edit]:
         replace = self.config.edit.background_backend == "replace"
+        if region is not None and (region.all() or (fg_mask is not None and not (region & ~fg_mask).any())):
+            self._skip(sample, phrase, "the background region leaves nothing of the label's object to keep")
+            return []
         if fg_mask is None and region is not None:
             fg_mask = ~region  # the label's object was not found: everything but the region is kept
         if fg_mask is None and replace:
@@ -383,13 +390,16 @@ class ProbePipeline:
                 return []
             return [editor.change_background(sample.image, image, fg_mask, phrase, alt, seed, out_dir,
                                              control=control, region_mask=region) for control in (False, True)]
-        other = self._donor(sample, seed, lambda g: g != group)
+        other = self._donor(sample, seed, lambda g: g != group, whole=region is None)
         if other is None:
             self._skip(sample, phrase, "no hold-out image with another background to take one from")
             return []
-        same = self._donor(sample, seed, lambda g: g == group)
-        if same is None:  # the image's own background: the compositing artefacts alone
-            same, kind = (image, fg_mask, region if region is not None else ~fg_mask), "self-donor"
+        same = self._donor(sample, seed, lambda g: g == group, whole=region is None)
+        if same is None and region is not None:  # a region copied onto itself would change nothing
+            self._skip(sample, phrase, "no other hold-out image with a background of the same group for a control")
+            return []
+        if same is None:  # the image's whole background, its object inpainted: the compositing artefacts alone
+            same, kind = (image, fg_mask, ~fg_mask), "self-donor"
         else:
             kind = "same-group-donor"
         real = editor.change_background(sample.image, image, fg_mask, phrase, other[3], seed, out_dir,
@@ -406,9 +416,10 @@ class ProbePipeline:
         others = [(n, g) for g, n in counts.items() if g != group]
         return max(others, key=lambda t: (t[0], t[1]))[1] if others else None
 
-    def _donor(self, sample: Sample, seed: int, wanted: Callable[[str], bool]):
+    def _donor(self, sample: Sample, seed: int, wanted: Callable[[str], bool], whole: bool = False):
         """(image, object mask, background region, phrase) of another hold-out image whose background group is
-        `wanted`, with its object found; None when there is none."""
+        `wanted`; its object must be found when its region is not, or when its `whole` background is wanted
+        (its object is inpainted away then). None when there is none."""
         keys = sorted(k for k in self.store.get_meta("holdout", []) if k != sample.image)
         random.Random(seed).shuffle(keys)
         for key in keys:
@@ -416,7 +427,7 @@ class ProbePipeline:
             if bg is None or not wanted(self._background_group(bg[0])):
                 continue
             mask = self.object_mask(self.samples[key])
-            if mask is None and bg[1] is None:
+            if mask is None and (bg[1] is None or whole):
                 continue
             region = bg[1] if bg[1] is not None else ~mask
             if mask is not None and not (region & ~mask).any():
@@ -461,6 +472,8 @@ class ProbePipeline:
             for i, target in enumerate(targets[:n] if sources else []):
                 source = sources[i % len(sources)]
                 requests += self._paste_pair(f, source, target, seed + i, holdout)
+            if not requests:  # no source or no other class yet: a later call (more classes) may test it
+                continue
             made = self.tool("editor").paste_many(requests, out_dir)
             self.store.put_many("edit", [(e.edit_id, e) for e in made if e is not None])
             self.store.put("inserted", marker, {"edits": sum(e is not None for e in made)})
@@ -477,15 +490,24 @@ class ProbePipeline:
                       pair=pair, seed=seed, keep_mask=keep)
         if f.kind == "foreground":
             control_mask, _ = find_control(mask, seed, self.config.edit.control_gap_px)
-            control = None if control_mask is None else PasteRequest(
+            src_object = self.object_mask(self.samples[source.image])
+            if control_mask is not None and src_object is not None:
+                control_mask = control_mask & ~src_object  # never paste the source's own class object
+            control = None if control_mask is None or not control_mask.any() else PasteRequest(
                 source=src_image, mask=control_mask, control=True, control_kind="same-area", **common)
         else:
             group = self._background_group(f.phrase)
             donors = [s for s in holdout if s.image not in (source.image, target.image)
                       and (b := self._background_of(s.image)) is not None and self._background_group(b[0]) != group]
             donors.sort(key=lambda s: (s.y != target.y, edit_seed(seed, s.image)))
-            control = None if not donors else PasteRequest(
-                source=load_image(donors[0].path), mask=mask, control=True, control_kind="other-group-donor", **common)
+            control = None
+            for donor in donors[:8]:  # the donor's background only: its own object is never pasted
+                d_object = self.object_mask(donor)
+                d_mask = mask & ~d_object if d_object is not None and d_object.shape == mask.shape else None
+                if d_mask is not None and d_mask.any():
+                    control = PasteRequest(source=load_image(donor.path), mask=d_mask, control=True,
+                                           control_kind="other-group-donor", **common)
+                    break
         if control is None:
             self._skip(target, f.phrase, "no control paste for an insertion test")
             return []
@@ -513,24 +535,34 @@ class ProbePipeline:
             marker = f"{y}|" + ",".join(f"{f.kind}:{f.phrase}" for f in candidates)
             if len(candidates) < 2 or self.store.has("joint", marker):
                 continue
+            tag = hashlib.sha256(marker.encode()).hexdigest()[:10]  # the candidate set, in every pair key
             member = {(f.kind, p): f for f in candidates for p in {f.phrase, *f.phrases}}
             parts: dict[str, dict[str, tuple[Finding, Edit]]] = defaultdict(dict)  # image -> group -> (finding, edit)
             for e in sorted(real, key=lambda e: e.edit_id):
                 f = member.get((e.kind, lexicon.normalize(e.phrase)))
-                if f is not None and self.samples[e.image].y == y:
-                    parts[e.image].setdefault(f"{f.kind}|{f.phrase}", (f, e))
+                mine = parts[e.image]
+                if f is None or self.samples[e.image].y != y:
+                    continue
+                if f.kind == "background" and any(g.kind == "background" and g is not f for g, _ in mine.values()):
+                    continue  # one background change per image
+                mine.setdefault(f"{f.kind}|{f.phrase}", (f, e))
             images = sorted(k for k, v in parts.items() if len(v) >= 2)
             random.Random(edit_seed(self.seed, "joint", marker)).shuffle(images)
             made: list[Edit] = []
+            complete = True
             for key in images[:n]:
                 if not self._fits(max_edits, len(made) + 2 * (len(parts[key]) + 1)):
+                    complete = False
                     break
-                made += self._joint_edits(self.samples[key], list(parts[key].values()))
+                made += self._joint_edits(self.samples[key], list(parts[key].values()), tag)
             self.store.put_many("edit", [(e.edit_id, e) for e in made])
-            self.store.put("joint", marker, {"images": min(n, len(images)), "edits": len(made)})
+            if made:  # the findings read this candidate set's pairs only
+                self.store.set_meta("joint_sets", {**(self.store.get_meta("joint_sets") or {}), str(y): tag})
+            if complete:
+                self.store.put("joint", marker, {"images": min(n, len(images)), "edits": len(made), "tag": tag})
         return [e for e in self.store.all("edit", Edit) if e.test == "joint"]
 
-    def _joint_edits(self, sample: Sample, parts: list[tuple[Finding, Edit]]) -> list[Edit]:
+    def _joint_edits(self, sample: Sample, parts: list[tuple[Finding, Edit]], tag: str) -> list[Edit]:
         """The "all" edit (one per group, and one for the class), each group's control, the class control."""
         image = load_image(sample.path)
         fg_mask = self.object_mask(sample)
@@ -557,14 +589,14 @@ class ProbePipeline:
         everything = [real for _, real, _ in ops]
         edits = []
         for f, _, control in ops:
-            pair = f"{sample.image}|joint|{f.kind}|{f.phrase}"
+            pair = f"{sample.image}|joint|{tag}|{f.kind}|{f.phrase}"
             edits.append(self._compose(sample, image, fg_mask, everything, f.phrase, f.kind, pair, None))
             if control is not None:
                 ops_g = [control if g is f else real for g, real, _ in ops]
                 edits.append(self._compose(sample, image, fg_mask, ops_g, f.phrase, f.kind, pair,
                                            control[4] if control[0] == "background" else "same-area"))
         if all(c is not None for _, _, c in ops):
-            pair = f"{sample.image}|joint|{ALL_CANDIDATES}"
+            pair = f"{sample.image}|joint|{tag}|{ALL_CANDIDATES}"
             edits.append(self._compose(sample, image, fg_mask, everything, ALL_CANDIDATES, "foreground", pair, None))
             edits.append(self._compose(sample, image, fg_mask, [c for _, _, c in ops], ALL_CANDIDATES, "foreground",
                                        pair, "same-area"))
@@ -612,6 +644,8 @@ class ProbePipeline:
 
     def findings(self) -> list[Finding]:
         probes = self.store.all("probe", Probe)
+        sets = self.store.get_meta("joint_sets") or {}
+        probes = [p for p in probes if p.test != "joint" or f"|joint|{sets.get(str(p.y))}|" in p.pair]
         findings = aggregate_findings(probes, self.class_names, self.config.probe, self.store.get_meta("background_groups"))
         self.store.set_meta("joint", joint_summary(probes, findings, self.class_names, ALL_CANDIDATES, self.seed))
         self.store.replace_all("finding", [(f"{f.class_index}|{f.kind}|{f.phrase}", f) for f in findings])

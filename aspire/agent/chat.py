@@ -50,7 +50,9 @@ def evidence(f: Finding) -> dict:
     """A finding's evidence as the chat tools show it."""
     return {"edits": f.occurrences, "effect": round(f.effect, 3), "effect_ci": [round(v, 3) for v in f.effect_ci],
             "q_value": float(f"{f.q_value:.3g}"), "p_value": float(f"{f.p_value:.3g}"), "control_kind": f.control_kind,
-            "flips": f.flips, "flip_rate": round(f.flip_rate, 3), "control_flip_rate": round(f.control_flip_rate, 3)}
+            "flips": f.flips, "flip_rate": round(f.flip_rate, 3), "control_flip_rate": round(f.control_flip_rate, 3),
+            "joint": f.joint, "joint_effect": None if f.joint_effect is None else round(f.joint_effect, 3),
+            "joint_q_value": None if f.joint_q_value is None else float(f"{f.joint_q_value:.3g}")}
 
 class RunTools:
     """What the assistant can look up or do in one run. Every method returns JSON-able data."""
@@ -118,7 +120,7 @@ class RunTools:
         return {
             "run_dir": str(self.run_dir), "kind": self.store.get_meta("kind"), "status": status,
             "inputs": self.store.get_meta("args"), "classes": self.class_names,
-            "holdout": len(self.store.get_meta("holdout", []) or []), "edits": self.store.count("edit"),
+            "holdout": len(self.store.get_meta("holdout", []) or []), "edits": sum(e.test == "removal" for e in self.store.all("edit", Edit)),
             "probes": self.store.count("probe"), "findings": len(findings),
             "spurious": [f"{f.class_}: {f.phrase} ({f.kind})" for f in findings if f.spurious],
             "rounds": len({e.get("round") for e in self.store.events("outcome") if e.get("round")}), "approvals": self.store.get_meta("approvals", []),

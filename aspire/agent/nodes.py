@@ -279,7 +279,8 @@ def probe(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
                            occurrences=f.occurrences, flips=f.flips, flip_rate=round(f.flip_rate, 4),
                            control_flip_rate=round(f.control_flip_rate, 4), p_value=f.p_value,
                            effect=round(f.effect, 4), effect_ci=[round(v, 4) for v in f.effect_ci],
-                           q_value=f.q_value, tested_kind=f.kind,
+                           q_value=f.q_value, tested_kind=f.kind, joint=f.joint, joint_effect=f.joint_effect,
+                           joint_q_value=f.joint_q_value,
                            reason=(f"P({h['class_name']}) drops {f.effect:+.3f} "
                                    f"[{f.effect_ci[0]:+.3f}, {f.effect_ci[1]:+.3f}] beyond its controls over "
                                    f"{f.pairs} pairs (q={f.q_value:.2g}); {f.flips}/{f.occurrences} edits flip "
@@ -362,7 +363,7 @@ def qualifies_for_repair(f: Finding, config) -> bool:
     if not f.evidence_edits:
         return False
     if mode == "significant":
-        return f.q_value < config.probe.alpha
+        return f.q_value < config.probe.alpha or (f.joint_q_value or 1.0) < config.probe.alpha
     return f.spurious if mode == "spurious" else True
 
 

@@ -416,7 +416,9 @@ class RunReport:
                          "flip_rate_s": fmt_rate(f.flip_rate), "control_flip_rate_s": fmt_rate(f.control_flip_rate),
                          "p_value_s": fmt_p(f.p_value), "mean_prob_drop_s": fmt_rate(f.mean_prob_drop),
                          "q_value_s": fmt_p(f.q_value), "flip_p_value_s": fmt_p(f.flip_p_value),
-                         "effect_s": f"{f.effect:+.3f}", "effect_ci_s": f"[{f.effect_ci[0]:+.3f}, {f.effect_ci[1]:+.3f}]"})
+                         "effect_s": f"{f.effect:+.3f}", "effect_ci_s": f"[{f.effect_ci[0]:+.3f}, {f.effect_ci[1]:+.3f}]",
+                         "joint_effect_s": "–" if f.joint_effect is None else f"{f.joint_effect:+.3f}",
+                         "joint_q_value_s": fmt_p(f.joint_q_value)})
         row_of = {id(f): r for f, r in zip(findings, rows)}
         for g in galleries:
             g["row"] = row_of[id(g.pop("finding"))]

@@ -203,7 +203,9 @@ def phrase_groups(probes: Sequence[Probe], settings: ProbeSettings,
     mappings = {kind: merge_phrase_groups((p.phrase for p in probes if p.kind == kind and p.test == "removal"),
                                           settings.merge_similarity, by_scene=kind == "background")
                 for kind in ("foreground", "background")}
-    mappings["background"].update(background_groups or {})
+    if background_groups:  # composed, so that a group's name maps to itself
+        bg = background_groups
+        mappings["background"] = {**{p: bg.get(p, bg.get(g, g)) for p, g in mappings["background"].items()}, **bg}
     return mappings
 
 
