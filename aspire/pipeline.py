@@ -287,9 +287,19 @@ class ProbePipeline:
                 regions = [r for r in self._regions(sample, phrases, candidates, log=False) if r[1] == "background"]
                 regions.sort(key=lambda r: -1 if r[2] is None else -int(r[2].sum()))
                 if regions:
-                    found = (regions[0][0], regions[0][2])
+                    region = regions[0][2]
+                    found = (regions[0][0], None if region is None else region & ~self._objects(sample, phrases))
             self._backgrounds[key] = found
         return self._backgrounds[key]
+
+    def _objects(self, sample: Sample, phrases: PhraseSet) -> np.ndarray:
+        """The union of an image's object regions (every phrase whose mask says object): a background change and a
+        donor's background leave them out, so changing the background neither removes nor adds an object."""
+        masks = [m for _, kind, m in self._regions(sample, phrases, [*phrases.foreground, *phrases.background[:1]],
+                                                    log=False) if kind == "foreground" and m is not None]
+        if not masks:
+            return np.zeros((1, 1), bool)  # broadcasts: nothing to leave out
+        return np.logical_or.reduce(masks)
 
     def background_groups(self) -> dict[str, str]:
         """{background phrase: group} over the hold-out's backgrounds. Phrases whose regions were found are grouped
@@ -334,7 +344,8 @@ class ProbePipeline:
             if kind == "foreground":
                 edits += self._removal(sample, image, phrase, mask, all_sets, editor, out_dir)
             else:
-                edits += self._background_change(sample, image, phrase, mask, fg_mask, phrases, editor, out_dir)
+                region = None if mask is None else mask & ~self._objects(sample, phrases)
+                edits += self._background_change(sample, image, phrase, region, fg_mask, phrases, editor, out_dir)
         self.store.put_many("edit", [(e.edit_id, e) for e in edits])
 
     def _skip(self, sample: Sample, phrase: str, reason: str) -> None:
@@ -430,7 +441,7 @@ class ProbePipeline:
             if mask is None and (bg[1] is None or whole):
                 continue
             region = bg[1] if bg[1] is not None else ~mask
-            if mask is not None and not (region & ~mask).any():
+            if not region.any() or (mask is not None and not (region & ~mask).any()):
                 continue
             return load_image(self.samples[key].path), mask, region, bg[0]
         return None

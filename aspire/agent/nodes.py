@@ -71,6 +71,7 @@ def history(store) -> list[dict]:
              "occurrences": e.get("occurrences", 0), "flip_rate": e.get("flip_rate"),
              "control_flip_rate": e.get("control_flip_rate"), "effect": e.get("effect"),
              "effect_ci": e.get("effect_ci"), "q_value": None if e.get("q_value") is None else float(f"{e['q_value']:.3g}"),
+             "joint_effect": e.get("joint_effect"),
              "p_value": None if e.get("p_value") is None else float(f"{e['p_value']:.3g}")}
             for e in store.events("outcome")]
 
