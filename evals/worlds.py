@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from aspire.data.toy.spec import BenchmarkSpec, ClassSpec, ElementSpec, PlaceSpec, waterbirds_spec
+from aspire.data.toy.spec import BenchmarkSpec, ClassSpec, PlaceSpec, waterbirds_spec
 
 
 def null_world() -> BenchmarkSpec:
