@@ -34,6 +34,7 @@ from aspire.progress import step_progress
 from aspire.store import RunStore
 from aspire.tools import lexicon
 from aspire.tools.edit import PasteRequest, find_control
+from aspire.tools.generate import derive_seed
 from aspire.tools.ground import region_kind
 from aspire.tools.probe import (Prediction, Prober, aggregate_findings, colour_histogram, joint_summary,
                                 merge_by_appearance, merge_phrase_groups, min_testable_pairs)
@@ -71,16 +72,10 @@ class ProbeResult:
 
 def edit_seed(seed: int, *parts: str) -> int:
     """A per-edit seed that depends only on the run seed and what is edited (stable across resumes)."""
-    digest = hashlib.sha256("|".join([str(seed), *parts]).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return derive_seed(seed, *parts)
 
 
 ALL_CANDIDATES = "all candidates"  # the phrase of a class's joint-removal pair of every candidate group
-
-
-def image_size(mask: np.ndarray) -> tuple[int, int]:
-    """(W, H) of a mask (H, W)."""
-    return mask.shape[1], mask.shape[0]
 
 
 def object_phrases(class_name: str) -> list[str]:
@@ -112,6 +107,8 @@ class ProbePipeline:
         self.samples = dataset.by_image()
         self._tools: dict[str, object] = {}
         self._backgrounds: dict[str, Optional[tuple[str, Optional[np.ndarray]]]] = {}
+        self._object_masks: dict[str, Optional[np.ndarray]] = {}   # per image: the label object's mask
+        self._object_unions: dict[str, np.ndarray] = {}             # per image: its other objects' masks
         self._bg_groups: Optional[dict[str, str]] = None
 
     # ------------------------------------------------------------ helpers
@@ -224,11 +221,12 @@ class ProbePipeline:
         return [self.store.get("region", f"{image_key}|{p}", Region) for p in phrases]
 
     def object_mask(self, sample: Sample) -> Optional[np.ndarray]:
-        """The label object's mask in an image (for background changes), or None when it is not found."""
-        for region in self.ground(sample.image, object_phrases(self.class_names[sample.y])):
-            if region.grounded and region.mask_png:
-                return load_mask(region.mask_png)
-        return None
+        """The label object's mask in an image (for background changes), or None when it is not found. Cached."""
+        if sample.image not in self._object_masks:
+            regions = self.ground(sample.image, object_phrases(self.class_names[sample.y]))
+            found = next((r for r in regions if r.grounded and r.mask_png), None)
+            self._object_masks[sample.image] = None if found is None else load_mask(found.mask_png)
+        return self._object_masks[sample.image]
 
     def make_edits(self, only_phrases: Optional[dict[int, set[str]]] = None) -> list[Edit]:
         """Removal of every foreground phrase and a change of the background, each with its control.
@@ -294,12 +292,13 @@ class ProbePipeline:
 
     def _objects(self, sample: Sample, phrases: PhraseSet) -> np.ndarray:
         """The union of an image's object regions (every phrase whose mask says object): a background change and a
-        donor's background leave them out, so changing the background neither removes nor adds an object."""
-        masks = [m for _, kind, m in self._regions(sample, phrases, [*phrases.foreground, *phrases.background[:1]],
-                                                    log=False) if kind == "foreground" and m is not None]
-        if not masks:
-            return np.zeros((1, 1), bool)  # broadcasts: nothing to leave out
-        return np.logical_or.reduce(masks)
+        donor's background leave them out, so changing the background neither removes nor adds an object. Cached."""
+        if sample.image not in self._object_unions:
+            masks = [m for _, kind, m in self._regions(sample, phrases, [*phrases.foreground, *phrases.background[:1]],
+                                                        log=False) if kind == "foreground" and m is not None]
+            # no object: a (1, 1) False mask broadcasts to "nothing to leave out"
+            self._object_unions[sample.image] = np.logical_or.reduce(masks) if masks else np.zeros((1, 1), bool)
+        return self._object_unions[sample.image]
 
     def background_groups(self) -> dict[str, str]:
         """{background phrase: group} over the hold-out's backgrounds. Phrases whose regions were found are grouped
@@ -374,7 +373,7 @@ class ProbePipeline:
         random.Random(seed).shuffle(pool)
         for key in pool[:8]:
             other = load_image(self.samples[key].path)
-            if other.size != image_size(mask):
+            if other.size != (mask.shape[1], mask.shape[0]):
                 continue
             return editor.remove(key, other, mask, phrase, seed, out_dir, control=True, relocate=False, pair=pair)
         return None

@@ -18,6 +18,8 @@ from aspire.schemas import Probe
 from aspire.store import RunStore
 from aspire.tools.ground import region_kind
 from aspire.tools.probe import aggregate_findings, colour_histogram, merge_by_appearance, min_testable_pairs, q_values
+from known_classifier import GradedWidget
+from test_pipeline import _square as _box
 
 SIZE = 64
 
@@ -105,40 +107,6 @@ def test_merge_by_appearance_joins_lookalike_groups_only():
 
 
 # ---------------------------------------------------------------- hand-built classifiers on a constructed world
-class GradedWidget:
-    """P(widget) from what an image shows: 0.2 with a green object (a gizmo), else 0.55; +0.3 with a red block
-    and +0.1 with a blue mark (`rule="sum"`), or +0.35 with either (`rule="either"`: a redundant shortcut)."""
-
-    class_names = ["gizmo", "widget"]
-    num_classes = 2
-    arch = "smallcnn"
-    input_size = SIZE
-    train_info = {"epochs": 1, "batch_size": 16, "lr": 0.05, "weight_decay": 5e-4, "augment": False}
-
-    def __init__(self, rule: str = "sum"):
-        self.rule = rule
-
-    def predict_proba(self, images, batch_size=64):
-        out = []
-        for im in images:
-            a = np.asarray(im.convert("RGB")).astype(int)
-            share = lambda m: float(m.mean())  # noqa: E731
-            green = share((a[..., 1] > 150) & (a[..., 0] < 80) & (a[..., 2] < 80)) > 0.01
-            red = share((a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 80)) > 0.01
-            blue = share((a[..., 2] > 150) & (a[..., 0] < 80) & (a[..., 1] < 120)) > 0.002
-            p = 0.2 if green else 0.55
-            p += 0.3 * red + 0.1 * blue if self.rule == "sum" else 0.35 * (red or blue)
-            p = min(p, 0.95)
-            out.append([1 - p, p])
-        return np.array(out, dtype=np.float32)
-
-
-def _box(y0, x0, h, w):
-    m = np.zeros((SIZE, SIZE), bool)
-    m[y0:y0 + h, x0:x0 + w] = True
-    return m
-
-
 def make_world(root: Path, *, big_block: bool, n_per_class: int = 12) -> Path:
     """Grey images; gizmos carry a green object, widgets a grey one, a blue mark (top right) and, in every other
     widget image, a red block: small (corner) or big (most of the image, no room for a same-area control)."""

@@ -29,7 +29,6 @@ most frequent phrase; background phrases take the pipeline's groups (by how thei
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from aspire.data.images import load_image
 from aspire.errors import DataError
 from aspire.schemas import Edit, Finding, Probe, Record, Sample
 from aspire.tools import lexicon
+from aspire.tools.generate import derive_seed
 
 
 class Prediction(Record):
@@ -222,7 +222,7 @@ def joint_summary(probes: Sequence[Probe], findings: Sequence[Finding], class_na
         combined = float(d.mean())
         shares = {f.phrase: (round(f.joint_effect / combined, 3) if combined > 0 else None)
                   for f in findings if f.class_index == y and f.joint_effect is not None}
-        out[name] = {"effect": combined, "effect_ci": bootstrap_ci(d, _stable_seed(seed, y, all_phrase)),
+        out[name] = {"effect": combined, "effect_ci": bootstrap_ci(d, derive_seed(seed, y, all_phrase)),
                      "p_value": paired_test(d), "pairs": len(pairs), "shares": shares}
     return out
 
@@ -269,10 +269,6 @@ def _pairs(items: Sequence[Probe]) -> list[tuple[Probe, Probe]]:
     return [(p, controls[p.pair_key]) for p in items if not p.control and p.pair_key in controls]
 
 
-def _stable_seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:4], "little")
-
-
 def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str], settings: ProbeSettings | None = None,
                        background_groups: Optional[dict[str, str]] = None) -> list[Finding]:
     """Findings per (class, phrase group, kind), strongest first; q-values over all of them.
@@ -313,7 +309,7 @@ def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str], sett
             mean_prob_drop=float(np.mean([p.prob_drop for p in real])),
             p_value=paired_test(d), flip_p_value=one_sided_fisher(flips, len(real), control_flips, len(control)),
             effect=float(d.mean()) if len(d) else 0.0,
-            effect_ci=bootstrap_ci(d, _stable_seed(settings.seed, y, kind, name)),
+            effect_ci=bootstrap_ci(d, derive_seed(settings.seed, y, kind, name)),
             margin_effect=float(np.mean(margins)) if margins else None, pairs=len(pairs),
             control_kind="+".join(sorted({c.control_kind or "same-area" for _, c in pairs})),
             flipped_edits=[p.edit_id for p in real if p.flipped],
