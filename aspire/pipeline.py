@@ -36,8 +36,8 @@ from aspire.tools import lexicon
 from aspire.tools.edit import PasteRequest, find_control
 from aspire.tools.generate import derive_seed
 from aspire.tools.ground import region_kind
-from aspire.tools.probe import (Prediction, Prober, aggregate_findings, colour_histogram, joint_summary,
-                                merge_by_appearance, merge_phrase_groups, min_testable_pairs)
+from aspire.tools.probe import (Prediction, Prober, aggregate_findings, colour_histogram, compare_findings,
+                                joint_summary, merge_by_appearance, merge_phrase_groups, min_testable_pairs)
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
 
@@ -652,15 +652,61 @@ class ProbePipeline:
                     advance(len(batch))
         return self.store.all("probe", Probe)
 
-    def findings(self) -> list[Finding]:
-        probes = self.store.all("probe", Probe)
+    def _current(self, probes: list[Probe]) -> list[Probe]:
+        """The probes the findings read: joint-removal pairs of each class's current candidate set only."""
         sets = self.store.get_meta("joint_sets") or {}
-        probes = [p for p in probes if p.test != "joint" or f"|joint|{sets.get(str(p.y))}|" in p.pair]
-        findings = aggregate_findings(probes, self.class_names, self.config.probe, self.store.get_meta("background_groups"))
+        return [p for p in probes if p.test != "joint" or f"|joint|{sets.get(str(p.y))}|" in p.pair]
+
+    def findings(self) -> list[Finding]:
+        """Findings from every probe (and, once `reprobe` scored every edit on another model, `after`)."""
+        probes = self._current(self.store.all("probe", Probe))
+        groups = self.store.get_meta("background_groups")
+        findings = aggregate_findings(probes, self.class_names, self.config.probe, groups)
         self.store.set_meta("joint", joint_summary(probes, findings, self.class_names, ALL_CANDIDATES, self.seed))
+        rescored = {p.edit_id: p for p in self.store.all("reprobe", Probe)}
+        if rescored and all(p.edit_id in rescored for p in probes):
+            after = [rescored[p.edit_id] for p in probes]
+            findings = compare_findings(probes, after, findings,
+                                        aggregate_findings(after, self.class_names, self.config.probe, groups),
+                                        self.config.probe, groups)
+            verdicts = Counter(f.after.verdict for f in findings if f.after and f.after.verdict)
+            self.store.set_meta("reprobe", {**(self.store.get_meta("reprobe") or {}), "verdicts": dict(verdicts),
+                                            "edits": len(after)})
         self.store.replace_all("finding", [(f"{f.class_index}|{f.kind}|{f.phrase}", f) for f in findings])
         write_json(self.store.run_dir / "findings.json", [f.to_json() for f in findings])
         return findings
+
+    # ------------------------------------------------------------ after repair: the same edits, another model
+    def reprobe(self, classifier, model_path: str) -> list[Finding]:
+        """Score every stored edit and its control on `classifier` (the repaired model; the same classes) and
+        return the findings with `after` filled in. Scores are recorded (kind `reprobe`) and reused on resume;
+        another checkpoint (by content) starts over."""
+        # 1. the same classes, and the model's identity
+        if list(classifier.class_names) != self.class_names:
+            raise DataError(f"{model_path}: a classifier of classes {', '.join(classifier.class_names)}; the run "
+                            f"probed {', '.join(self.class_names)}")
+        digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+        if (self.store.get_meta("reprobe") or {}).get("digest") != digest:
+            for kind in ("reprobe", "reprobe_prediction"):
+                self.store.replace_all(kind, [])
+            self.store.set_meta("reprobe", {"model": str(Path(model_path).resolve()), "digest": digest})
+            self.store.log_event("reprobe", {"model": str(Path(model_path).resolve()), "digest": digest})
+        # 2. score what is not scored yet (the originals once per image, as the probe does)
+        edits = [e for e in self.store.all("edit", Edit) if not self.store.has("reprobe", e.edit_id)]
+        if edits:
+            prober = Prober(classifier, self.config.probe)
+            originals = {k: p for k in {e.image for e in edits}
+                         if (p := self.store.get("reprobe_prediction", k, Prediction)) is not None}
+            step = self.config.probe.batch_size * 4
+            with self.progress("re-probing", len(edits)) as advance:
+                for start in range(0, len(edits), step):
+                    batch = edits[start:start + step]
+                    known = set(originals)
+                    probes = prober.probe(batch, self.samples, originals)
+                    self.store.put_many("reprobe_prediction", [(k, originals[k]) for k in set(originals) - known])
+                    self.store.put_many("reprobe", [(p.edit_id, p) for p in probes])
+                    advance(len(batch))
+        return self.findings()
 
     def counts(self) -> ProbeCounts:
         regions = self.store.all("region", Region)

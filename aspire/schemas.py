@@ -14,6 +14,7 @@ Split = Literal["train", "val", "test"]
 SPLIT_CODES: dict[int, Split] = {0: "train", 1: "val", 2: "test"}
 PhraseKind = Literal["foreground", "background"]
 ProbeTest = Literal["removal", "insertion", "joint"]
+Verdict = Literal["removed", "reduced", "unchanged", "new"]
 ControlKind = Literal["same-area", "matched-image", "same-group-donor", "self-donor", "own-mean-colour",
                       "same-instruction", "other-group-donor"]
 
@@ -160,6 +161,30 @@ class Probe(Record):
         return self.prob_true_original - self.prob_true_edited
 
 
+class AfterRepair(Record):
+    """A finding's group re-scored on another classifier of the same classes (the repaired one): the same stored
+    edits and controls, the same statistics (tools/probe.py `compare_findings`)."""
+
+    effect: float = Field(description="mean paired drop of the true-class probability on the new model")
+    effect_ci: list[float] = [0.0, 0.0]
+    p_value: float = 1.0
+    q_value: float = Field(default=1.0, description="adjusted over every test of the re-probe (Benjamini-Yekutieli)")
+    flip_rate: float = 0.0
+    control_flip_rate: float = 0.0
+    spurious: bool = False
+    joint_effect: Optional[float] = None
+    joint_q_value: Optional[float] = None
+    reduction: Optional[float] = Field(default=None, description="mean over the pairs of the paired drop before minus "
+                                       "after (the joint test's pairs for a finding confirmed only jointly)")
+    reduction_p_value: Optional[float] = Field(default=None, description="one-sided Wilcoxon test that the paired drop "
+                                               "fell (only for findings confirmed before)")
+    reduction_q_value: Optional[float] = None
+    verdict: Optional[Verdict] = Field(default=None, description="removed: confirmed before, not after, its effect now "
+                                       "under probe.min_effect; reduced: its effect fell significantly, not removed; "
+                                       "unchanged: confirmed before and neither; new: confirmed only after (a shortcut "
+                                       "the repair amplified); null: confirmed neither before nor after")
+
+
 class Finding(Record):
     """A phrase group probed on one class; `spurious` when removing or changing it lowers the true class's
     probability beyond its matched controls (q_value < alpha and effect >= min_effect; tools/probe.py)."""
@@ -198,6 +223,8 @@ class Finding(Record):
     joint_p_value: Optional[float] = None
     joint_q_value: Optional[float] = None
     top_edits: list[str] = Field(default=[], description="real edits with the largest paired drop, strongest first")
+    after: Optional[AfterRepair] = Field(default=None, description="the same group re-probed on the repaired model "
+                                         "(aspire reprobe; null until a model after repair is scored)")
 
     @property
     def evidence_edits(self) -> list[str]:

@@ -28,8 +28,9 @@ class RedMeansWidget:
 
 
 class GradedWidget:
-    """P(widget) from what an image shows: 0.2 with a green object (a gizmo), else 0.55; +0.3 with a red block
-    and +0.1 with a blue mark (`rule="sum"`), or +0.35 with either (`rule="either"`: a redundant shortcut)."""
+    """P(widget) from what an image shows: 0.2 with a green object (a gizmo), else 0.55; +`red` (0.3) with a red
+    block and +`blue` (0.1) with a blue mark (`rule="sum"`), or +0.35 with either (`rule="either"`: a redundant
+    shortcut)."""
 
     class_names = ["gizmo", "widget"]
     num_classes = 2
@@ -37,8 +38,8 @@ class GradedWidget:
     input_size = 64
     train_info = {"epochs": 1, "batch_size": 16, "lr": 0.05, "weight_decay": 5e-4, "augment": False}
 
-    def __init__(self, rule: str = "sum"):
-        self.rule = rule
+    def __init__(self, rule: str = "sum", red: float = 0.3, blue: float = 0.1):
+        self.rule, self.red, self.blue = rule, red, blue
 
     def predict_proba(self, images, batch_size=64):
         out = []
@@ -49,7 +50,7 @@ class GradedWidget:
             red = share((a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 80)) > 0.01
             blue = share((a[..., 2] > 150) & (a[..., 0] < 80) & (a[..., 1] < 120)) > 0.002
             p = 0.2 if green else 0.55
-            p += 0.3 * red + 0.1 * blue if self.rule == "sum" else 0.35 * (red or blue)
+            p += self.red * red + self.blue * blue if self.rule == "sum" else 0.35 * (red or blue)
             p = min(p, 0.95)
             out.append([1 - p, p])
         return np.array(out, dtype=np.float32)

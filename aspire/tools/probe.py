@@ -40,7 +40,7 @@ from scipy.stats import false_discovery_control, fisher_exact, wilcoxon
 from aspire.config import ProbeSettings
 from aspire.data.images import load_image
 from aspire.errors import DataError
-from aspire.schemas import Edit, Finding, Probe, Record, Sample
+from aspire.schemas import AfterRepair, Edit, Finding, Probe, Record, Sample
 from aspire.tools import lexicon
 from aspire.tools.generate import derive_seed
 
@@ -269,6 +269,20 @@ def _pairs(items: Sequence[Probe]) -> list[tuple[Probe, Probe]]:
     return [(p, controls[p.pair_key]) for p in items if not p.control and p.pair_key in controls]
 
 
+GroupKey = tuple[int, str, str]  # (class index, group name, kind)
+
+
+def group_probes(probes: Sequence[Probe], settings: ProbeSettings,
+                 background_groups: Optional[dict[str, str]] = None) -> dict[str, dict[GroupKey, list[Probe]]]:
+    """{test: {(class, group, kind): probes}}; insertion and joint probes are named by the group they test."""
+    mappings = phrase_groups(probes, settings, background_groups)
+    out: dict[str, dict[GroupKey, list[Probe]]] = defaultdict(lambda: defaultdict(list))
+    for p in probes:
+        name = lexicon.normalize(p.phrase)
+        out[p.test][(p.y, mappings[p.kind].get(name, name), p.kind)].append(p)
+    return out
+
+
 def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str], settings: ProbeSettings | None = None,
                        background_groups: Optional[dict[str, str]] = None) -> list[Finding]:
     """Findings per (class, phrase group, kind), strongest first; q-values over all of them.
@@ -276,14 +290,8 @@ def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str], sett
     background phrases it knows; other phrases are merged by text."""
     settings = settings or ProbeSettings()
     # 1. group the probes; a real edit and its control share a pair key
-    # (insertion and joint edits are named by the group they test)
-    mappings = phrase_groups(probes, settings, background_groups)
-    groups: dict[tuple[int, str, str], list[Probe]] = defaultdict(list)
-    by_test: dict[str, dict[tuple[int, str, str], list[Probe]]] = defaultdict(lambda: defaultdict(list))
-    for p in probes:
-        name = lexicon.normalize(p.phrase)
-        key = (p.y, mappings[p.kind].get(name, name), p.kind)
-        (groups if p.test == "removal" else by_test[p.test])[key].append(p)
+    by_test = group_probes(probes, settings, background_groups)
+    groups = by_test["removal"]
 
     # 2. per group: paired differences, the paired test, the flip test
     rows = []
@@ -345,3 +353,67 @@ def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str], sett
         findings.append(Finding(**r))
     findings.sort(key=rank_key)
     return findings
+
+
+def compare_findings(before_probes: Sequence[Probe], after_probes: Sequence[Probe], before: Sequence[Finding],
+                     after: Sequence[Finding], settings: ProbeSettings | None = None,
+                     background_groups: Optional[dict[str, str]] = None) -> list[Finding]:
+    """The findings `before` with `after` filled in: each group's statistics on the same edits scored by another
+    classifier (`after`, aggregated from `after_probes`), whether its paired drop fell, and a verdict.
+
+    The reduction test pairs each real/control pair with itself: change_i = d_i(before) - d_i(after), one-sided
+    Wilcoxon, Benjamini-Yekutieli over the groups confirmed before (those a verdict of reduced can apply to).
+    A group confirmed only by joint removal is compared on its joint pairs."""
+    settings = settings or ProbeSettings()
+    by_before = group_probes(before_probes, settings, background_groups)
+    by_after = group_probes(after_probes, settings, background_groups)
+    now = {(f.class_index, f.phrase, f.kind): f for f in after}
+
+    def paired(items: Sequence[Probe]) -> dict[str, float]:
+        return {r.pair_key: r.prob_drop - c.prob_drop for r, c in _pairs(items)}
+
+    # 1. per group confirmed before: the paired change of its drop
+    changes: dict[GroupKey, np.ndarray] = {}
+    for f in before:
+        key = (f.class_index, f.phrase, f.kind)
+        test = "joint" if f.joint else "removal"
+        d_before, d_after = paired(by_before[test].get(key, [])), paired(by_after[test].get(key, []))
+        common = sorted(set(d_before) & set(d_after))
+        if f.spurious and key in now and common:
+            changes[key] = np.array([d_before[k] - d_after[k] for k in common])
+    # 2. the reduction tests' q-values, then a verdict per group
+    least = min_testable_pairs(settings)
+    family = [k for k, c in changes.items() if len(c) >= least]
+    q = dict(zip(family, q_values([paired_test(changes[k]) for k in family])))
+    out = []
+    for f in before:
+        key = (f.class_index, f.phrase, f.kind)
+        a = now.get(key)
+        if a is None:
+            out.append(f)
+            continue
+        change = changes.get(key)
+        reduction_q = q.get(key, 1.0 if change is not None else None)
+        if f.spurious:
+            gone = not a.spurious and a.effect < settings.min_effect and (a.joint_effect or 0.0) < settings.min_effect
+            verdict = "removed" if gone else "reduced" if (reduction_q or 1.0) < settings.alpha else "unchanged"
+        else:
+            verdict = "new" if a.spurious else None
+        out.append(f.model_copy(update={"after": AfterRepair(
+            effect=a.effect, effect_ci=a.effect_ci, p_value=a.p_value, q_value=a.q_value, flip_rate=a.flip_rate,
+            control_flip_rate=a.control_flip_rate, spurious=a.spurious, joint_effect=a.joint_effect,
+            joint_q_value=a.joint_q_value, reduction=None if change is None else float(change.mean()),
+            reduction_p_value=None if change is None else paired_test(change), reduction_q_value=reduction_q,
+            verdict=verdict)}))
+    return out
+
+
+def remaining(findings: Sequence[Finding], min_effect: Optional[float] = None) -> list[Finding]:
+    """The confirmed findings that still stand: on the repaired model when it was re-probed, else as probed;
+    with `min_effect`, only those whose effect (or joint effect, for a joint finding) reaches it."""
+    out = []
+    for f in findings:
+        now = f.after or f
+        if now.spurious and (min_effect is None or max(now.effect, now.joint_effect or 0.0) >= min_effect):
+            out.append(f)
+    return out
