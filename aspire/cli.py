@@ -1,7 +1,7 @@
 """The `aspire` command line. Thin: parse, call, render. Results on stdout, everything else on stderr.
 
-Exit codes: 0 success, 1 a user error (one line naming what is wrong), 2 a usage error.
-Tracebacks only with ASPIRE_DEBUG=1.
+Exit codes: 0 success, 1 a user error (one line naming what is wrong), 2 a usage error, 3 a confirmed spurious
+finding remains (--fail-on). Tracebacks only with ASPIRE_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -284,19 +284,57 @@ def _open_run(run_dir: Path, kind: str, args: dict) -> "Any":
 
 
 def _findings_table(findings: list, title: str) -> None:
+    """The findings; once re-probed after a repair, with the effect after and the verdict."""
     from rich.table import Table
 
+    after = any(f.after is not None for f in findings)
     table = Table(title=title, title_justify="left")
-    for col, justify in (("class", "left"), ("phrase", "left"), ("kind", "left"), ("edits", "right"),
-                         ("effect [95% CI]", "right"), ("q", "right"), ("flips / ctrl", "right"), ("spurious", "left")):
+    columns = [("class", "left"), ("phrase", "left"), ("kind", "left"), ("edits", "right"),
+               ("effect [95% CI]", "right"), ("q", "right"), ("flips / ctrl", "right"), ("spurious", "left")]
+    for col, justify in columns + ([("after", "right"), ("verdict", "left")] if after else []):
         table.add_column(col, justify=justify)
     for f in findings:
         lo, hi = f.effect_ci
-        table.add_row(f.class_, f.phrase, "bg" if f.kind == "background" else "fg", str(f.occurrences),
-                      f"{f.effect:+.2f} [{lo:+.2f},{hi:+.2f}]", f"{f.q_value:.1g}",
-                      f"{f.flip_rate:.2f}/{f.control_flip_rate:.2f}",
-                      ("joint" if f.joint else "yes") if f.spurious else "", style="bold" if f.spurious else None)
+        cells = [f.class_, f.phrase, "bg" if f.kind == "background" else "fg", str(f.occurrences),
+                 f"{f.effect:+.2f} [{lo:+.2f},{hi:+.2f}]", f"{f.q_value:.1g}",
+                 f"{f.flip_rate:.2f}/{f.control_flip_rate:.2f}", ("joint" if f.joint else "yes") if f.spurious else ""]
+        if after:
+            cells += ["" if f.after is None else f"{f.after.effect:+.2f}", (f.after and f.after.verdict) or ""]
+        table.add_row(*cells, style="bold" if f.spurious or (f.after and f.after.spurious) else None)
     out.print(table)
+
+
+# ---------------------------------------------------------------- --fail-on: the CI gate
+FAIL_EXIT = 3
+FAIL_ON_HELP = ("exit 3 when a confirmed spurious finding remains (on the repaired model when the run retrained): "
+                "'spurious', or a minimum effect such as 0.1")
+
+
+def _check_fail_on(value: Optional[str]) -> Optional[str]:
+    if value is None or value == "spurious":
+        return value
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = -1.0
+    if not 0.0 <= threshold <= 1.0:
+        raise typer.BadParameter(f"expected 'spurious' or an effect between 0 and 1, got {value!r}")
+    return value
+
+
+def _gate(findings: list, fail_on: Optional[str]) -> None:
+    """--fail-on: exit FAIL_EXIT (after the results were printed) when a confirmed finding remains."""
+    from aspire.tools.probe import remaining
+
+    if fail_on is None:
+        return
+    left = remaining(findings, None if fail_on == "spurious" else float(fail_on))
+    if left:
+        names = ", ".join(f"{f.class_}: {f.phrase} {(f.after or f).effect:+.2f}" for f in left[:5])
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        err.print(f"fail-on {fail_on}: {len(left)} confirmed spurious finding(s) remain ({names}{more})",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(FAIL_EXIT)
 
 
 @app.command("probe")
@@ -314,6 +352,7 @@ def probe_cmd(
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="classifier device; default: the best available"),
     json_out: bool = typer.Option(False, "--json", help="print run_dir and findings as JSON on stdout"),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help=FAIL_ON_HELP, callback=_check_fail_on),
 ) -> None:
     """Steps 1-4 of the method as a plain pipeline: hold-out, caption, phrases, edits, probe with controls."""
     from aspire.data.formats import load_dataset
@@ -338,6 +377,7 @@ def probe_cmd(
     # 3. report
     if json_out:
         print_json(result.to_json())
+        _gate(result.findings, fail_on)
         return
     c = result.counts
     err.print(f"{c.holdout} hold-out images, {c.edits} edits + {c.control_edits} controls, "
@@ -349,6 +389,43 @@ def probe_cmd(
                   f"{j['effect']:+.3f} [{j['effect_ci'][0]:+.3f}, {j['effect_ci'][1]:+.3f}] beyond their controls "
                   f"({j['pairs']} images, p={j['p_value']:.2g})", highlight=False)
     out.print(f"run: {result.run_dir}", highlight=False)
+    _gate(result.findings, fail_on)
+
+
+# ---------------------------------------------------------------- reprobe (after repair)
+@app.command("reprobe")
+def reprobe_cmd(
+    run_dir: Path = typer.Option(..., "--run-dir", help="run folder of a probe or audit"),
+    model: Optional[Path] = typer.Option(None, "--model", help="checkpoint of the same classes (default: the run's "
+                                         "model after repair)"),
+    device: Optional[str] = typer.Option(None, "--device", help="classifier device; default: the best available"),
+    json_out: bool = typer.Option(False, "--json", help="print run_dir, model, verdicts and findings as JSON"),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help=FAIL_ON_HELP, callback=_check_fail_on),
+) -> None:
+    """Did the repair remove the reliance? Score the run's stored edits and controls on another checkpoint of the
+    same classes, with the probe's statistics: per finding its effect, q-value and flip rate before -> after and a
+    verdict (removed / reduced / unchanged / new). Costs classifier calls only; resumable."""
+    from aspire.agent import context_from_run
+    from aspire.errors import ConfigError
+    from aspire.models.classifier import load_checkpoint
+
+    pipeline = context_from_run(run_dir, device=device, progress=True).pipeline
+    if model is None:
+        recorded = (pipeline.store.get_meta("models") or {}).get("after")
+        if not recorded:
+            raise ConfigError(f"{run_dir}: the run has no model after repair; give --model MODEL.pt")
+        model = Path(recorded)
+    findings = pipeline.reprobe(load_checkpoint(model, device=device), str(model))
+    verdicts = (pipeline.store.get_meta("reprobe") or {}).get("verdicts", {})
+    if json_out:
+        print_json({"run_dir": str(pipeline.store.run_dir), "model": str(model.resolve()), "verdicts": verdicts,
+                    "findings": [f.to_json() for f in findings]})
+    else:
+        shown = [f for f in findings if f.after is not None and f.after.verdict]
+        _findings_table(shown, f"findings confirmed before or after ({len(shown)} of {len(findings)})")
+        out.print(_verdict_line(verdicts), highlight=False, soft_wrap=True)
+        out.print(f"report: aspire report --run-dir {run_dir}", highlight=False, soft_wrap=True)
+    _gate(findings, fail_on)
 
 
 # ---------------------------------------------------------------- report (aspire.report)
@@ -384,6 +461,12 @@ def _accuracy_line(accuracy: Optional[dict]) -> str:
     return text
 
 
+def _verdict_line(verdicts: dict) -> str:
+    order = ("removed", "reduced", "unchanged", "new")
+    counts = ", ".join(f"{verdicts[v]} {v}" for v in order if verdicts.get(v)) or "no finding confirmed before or after"
+    return f"re-probed on the repaired model: {counts}"
+
+
 def _audit_summary(result: Any, json_out: bool) -> None:
     """The audit's result on stdout: JSON, or the findings table and the repair's outcome."""
     s = result.to_json()
@@ -398,6 +481,8 @@ def _audit_summary(result: Any, json_out: bool) -> None:
     if s["augmented"]:
         out.print(f"generated images: {s['augmented']['n_images']} in {s['augmented']['dir']}", highlight=False)
     out.print(_accuracy_line(s["accuracy"]), highlight=False, soft_wrap=True)
+    if s["reprobe"]:
+        out.print(_verdict_line(s["reprobe"]["verdicts"]), highlight=False, soft_wrap=True)
     if s["report"]:
         out.print(f"report: {s['report'].get('html')}", highlight=False, soft_wrap=True)
     out.print(f"run: {result.run_dir}", highlight=False, soft_wrap=True)
@@ -422,6 +507,7 @@ def audit_cmd(
     yes: bool = typer.Option(False, "--yes", "-y", help="approve every stage as proposed (non-interactive)"),
     device: Optional[str] = typer.Option(None, "--device", help="classifier device; default: the best available"),
     json_out: bool = typer.Option(False, "--json", help="print run_dir, findings, accuracy and report paths as JSON"),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help=FAIL_ON_HELP, callback=_check_fail_on),
 ) -> None:
     """The investigation agent: probe hypotheses until the findings are stable, then (approved) generate
     images without the spurious features, retrain, evaluate and report. Resumable (--resume RUN_DIR)."""
@@ -471,6 +557,7 @@ def audit_cmd(
         raise AspireError(f"{result.run_dir}: the audit waits for approval before {stage}; continue with "
                           f"`aspire audit --resume {result.run_dir} --yes`, or in a terminal")
     _audit_summary(result, json_out)
+    _gate(result.findings, fail_on)
 
 
 @app.command("chat")
@@ -691,6 +778,7 @@ def batch_cmd(
     offline: bool = typer.Option(False, "--offline", help="plan with the deterministic planner, even with an LLM configured"),
     yes: bool = typer.Option(False, "--yes", "-y", help="accepted for symmetry with aspire audit: a batch never asks"),
     json_out: bool = typer.Option(False, "--json", help="print batch.json on stdout"),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help=FAIL_ON_HELP, callback=_check_fail_on),
 ) -> None:
     """One audit per class (or per --group-size classes), each in its own resumable run folder
     OUT/runs/<class>/, merged into OUT/batch.json and OUT/report/batch.html, ranked by the strongest finding.
@@ -739,8 +827,10 @@ def batch_cmd(
             table.add_column(col, justify=justify)
         for r in s["classes"]:
             top = r["top_finding"]
+            effect = "" if not top else f"{top['effect']:.2f}" + (
+                f" → {top['after']['effect']:.2f} {top['after']['verdict'] or ''}" if top.get("after") else "")
             table.add_row(str(r["rank"]), r["class"], r["status"], f"{top['phrase']} ({top['kind']})" if top else "",
-                          f"{top['effect']:.2f}" if top else "", f"{r['n_spurious']}/{r['n_findings']}",
+                          effect, f"{r['n_spurious']}/{r['n_findings']}",
                           str(r["attempts"]), r["error"] or "", style="bold" if top else None)
         out.print(table)
         after = s["accuracy"].get("after")
@@ -749,10 +839,16 @@ def batch_cmd(
             out.print(f"retrained once ({after['split']}): worst-group {before.get('worst_group_accuracy', float('nan')):.4f}"
                       f" → {after['worst_group_accuracy']:.4f}; average {before.get('average_accuracy', float('nan')):.4f}"
                       f" → {after['average_accuracy']:.4f}", highlight=False, soft_wrap=True)
+            for unit, error in ((s.get("reprobe") or {}).get("errors") or {}).items():
+                err.print(f"warning: re-probe of {unit} failed: {error}", highlight=False, soft_wrap=True)
         elif isinstance(s.get("repair"), dict) and s["repair"].get("reason"):
             out.print(f"repair: {s['repair']['reason']}", highlight=False, soft_wrap=True)
         out.print(f"report: {result.paths['html']}", highlight=False, soft_wrap=True)
         out.print(f"batch: {result.batch_dir}", highlight=False, soft_wrap=True)
+    if not result.failed:
+        from aspire.schemas import Finding
+
+        _gate([Finding.model_validate(f) for r in s["classes"] for f in r["findings"]], fail_on)
     if result.failed:
         err.print(f"[red]error:[/red] {len(result.failed)} class(es) failed ({', '.join(result.failed)}); re-run the "
                   "same command to retry them", highlight=False, soft_wrap=True)

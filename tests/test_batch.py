@@ -261,6 +261,13 @@ def test_repair_retrains_one_classifier_over_the_union(toy, local_batch, tmp_pat
         finally:
             run.close()
     assert "Retraining over the union" in (out / "report" / "batch.html").read_text()
+    # every class run was re-probed on the one retrained classifier, and its report says so
+    assert summary["reprobe"]["status"] == "done" and summary["reprobe"]["model"] == repair["models"]["after"]
+    top = star["top_finding"]["after"]
+    assert top["verdict"] in ("removed", "reduced", "unchanged")
+    assert all(f["after"] is not None for c in summary["classes"] for f in c["findings"])
+    assert "Did the repair remove the reliance?" in Path(star["report"]["md"]).read_text()
+    assert summary["reprobe"]["verdicts"]["star"] == RunStore(star["run_dir"]).get_meta("reprobe")["verdicts"]
 
 
 # ---------------------------------------------------------------- Ray (one local session, last in the module)

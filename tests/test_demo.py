@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,13 @@ def test_demo_runs_the_whole_method_offline(tmp_path):
     for key in ("html", "md", "json"):
         assert Path(result["report"][key]).is_file()
     assert "worst-group" in Path(result["report"]["md"]).read_text().lower()
+    # the repaired model was re-probed on the same edits: before → after per finding, in the JSON and the report
+    confirmed = [f for f in result["findings"] if f["spurious"]]
+    assert all(f["after"]["verdict"] in ("removed", "reduced", "unchanged") for f in confirmed)
+    verdicts = Counter(f["after"]["verdict"] for f in result["findings"] if f["after"]["verdict"])
+    assert result["reprobe"]["verdicts"] == dict(verdicts) and result["reprobe"]["model"] == result["models"]["after"]
+    md = Path(result["report"]["md"]).read_text()
+    assert "Did the repair remove the reliance?" in md and "img/effect_change.png" in md
 
     # 2. run again: everything is reused, nothing is redone
     n_edits, n_events = store.count("edit"), len(store.events())
@@ -57,3 +65,10 @@ def test_demo_runs_the_whole_method_offline(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "worst-group accuracy" in again.stdout and "report:" in again.stdout
     assert store.count("edit") == n_edits and len(store.events()) == n_events
+
+    # 3. the CI gate through the console script: exit 3 exactly when a confirmed finding remains after the repair
+    gate = subprocess.run([ASPIRE, "reprobe", "--run-dir", result["run_dir"], "--json", "--fail-on", "spurious"],
+                          capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    remains = [f for f in json.loads(gate.stdout)["findings"] if f["after"]["spurious"]]
+    assert gate.returncode == (3 if remains else 0), gate.stderr[-2000:]
+    assert store.count("edit") == n_edits   # scored already: nothing new

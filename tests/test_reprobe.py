@@ -3,6 +3,8 @@ the probe's statistics, a reduction test and a verdict per finding (hand-built c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aspire.config import load_config
@@ -100,3 +102,53 @@ def test_reprobe_resumes_per_model_and_refuses_other_classes(world, tmp_path):
 
     with pytest.raises(DataError, match="classes gizmo, sprocket"):
         pipeline.reprobe(Other(), _model_file(tmp_path, "other"))
+
+
+# ---------------------------------------------------------------- the CI gate, through the console script's main()
+MODELS = {"before.pt": GradedWidget(), "no-red.pt": GradedWidget(red=0.0), "neither.pt": GradedWidget(red=0.0, blue=0.0)}
+
+
+@pytest.fixture()
+def cli(world, tmp_path, monkeypatch, capsys):
+    """`aspire ...` with checkpoints named in MODELS standing for hand-built classifiers (no weights here)."""
+    import aspire.models.classifier as classifier
+
+    from cli_main import run_main
+
+    for name in MODELS:
+        (tmp_path / name).write_text(name)
+    monkeypatch.setattr(classifier, "load_checkpoint", lambda path, device=None: MODELS[Path(path).name])
+    monkeypatch.setenv("ASPIRE_GROUND__DILATION_PX", "0")
+    monkeypatch.setenv("ASPIRE_HOLDOUT__FRACTION", "1.0")
+    return lambda *args: run_main(monkeypatch, capsys, *args)
+
+
+def test_fail_on_exits_3_while_a_confirmed_finding_remains(cli, world, tmp_path):
+    import json
+
+    run = str(tmp_path / "run")
+    probe = ["probe", "--data", str(world), "--model", str(tmp_path / "before.pt"), "--run-dir", run]
+    code, out, err = cli(*probe, "--json", "--fail-on", "spurious")
+    assert code == 3 and "2 confirmed spurious finding(s) remain" in err
+    assert sum(f["spurious"] for f in json.loads(out)["findings"]) == 2      # the results are printed first
+    assert cli(*probe, "--fail-on", "0.5")[0] == 0                           # effects 0.3 and 0.1: under 0.5
+    assert cli(*probe, "--fail-on", "0.2")[0] == 3
+    # after a repair the gate reads the repaired model's verdicts
+    code, out, err = cli("reprobe", "--run-dir", run, "--model", str(tmp_path / "no-red.pt"), "--fail-on", "spurious")
+    assert code == 3 and "widget: blue mark +0.10" in err and "removed" in out
+    assert cli("reprobe", "--run-dir", run, "--model", str(tmp_path / "no-red.pt"), "--fail-on", "0.2")[0] == 0
+    code, out, _ = cli("reprobe", "--run-dir", run, "--model", str(tmp_path / "neither.pt"), "--json",
+                       "--fail-on", "spurious")
+    assert code == 0 and json.loads(out)["verdicts"] == {"removed": 2}
+
+
+def test_fail_on_and_reprobe_refuse_bad_input(cli, world, tmp_path):
+    run = str(tmp_path / "run")
+    code, _, err = cli("probe", "--data", str(world), "--model", str(tmp_path / "before.pt"), "--run-dir", run,
+                       "--fail-on", "sometimes")
+    assert code == 2 and "expected 'spurious' or an effect between 0 and 1" in " ".join(err.replace("│", " ").split())
+    assert cli("probe", "--data", str(world), "--model", str(tmp_path / "before.pt"), "--run-dir", run)[0] == 0
+    code, _, err = cli("reprobe", "--run-dir", run)
+    assert code == 1 and "has no model after repair; give --model" in err
+    code, _, err = cli("reprobe", "--run-dir", str(tmp_path / "nothing"), "--model", str(tmp_path / "no-red.pt"))
+    assert code == 1 and "not a run folder" in err

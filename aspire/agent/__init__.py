@@ -127,7 +127,7 @@ class AuditResult:
                 "llm_calls": s.get("llm_calls", 0), "llm_failures": s.get("llm_failures", 0),
                 "features": s.get("features", []), "approvals": s.get("approvals", {}),
                 "augmented": s.get("augmented"), "models": s.get("models"), "accuracy": s.get("accuracy"),
-                "report": s.get("report"), "pending": self.pending}
+                "reprobe": s.get("reprobe"), "report": s.get("report"), "pending": self.pending}
 
 
 def sorted_findings(store) -> list[Finding]:

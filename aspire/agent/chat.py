@@ -52,7 +52,11 @@ def evidence(f: Finding) -> dict:
             "q_value": float(f"{f.q_value:.3g}"), "p_value": float(f"{f.p_value:.3g}"), "control_kind": f.control_kind,
             "flips": f.flips, "flip_rate": round(f.flip_rate, 3), "control_flip_rate": round(f.control_flip_rate, 3),
             "joint": f.joint, "joint_effect": None if f.joint_effect is None else round(f.joint_effect, 3),
-            "joint_q_value": None if f.joint_q_value is None else float(f"{f.joint_q_value:.3g}")}
+            "joint_q_value": None if f.joint_q_value is None else float(f"{f.joint_q_value:.3g}"),
+            "after": None if f.after is None else {
+                "effect": round(f.after.effect, 3), "effect_ci": [round(v, 3) for v in f.after.effect_ci],
+                "q_value": float(f"{f.after.q_value:.3g}"), "flip_rate": round(f.after.flip_rate, 3),
+                "spurious": f.after.spurious, "verdict": f.after.verdict}}
 
 class RunTools:
     """What the assistant can look up or do in one run. Every method returns JSON-able data."""
@@ -128,6 +132,7 @@ class RunTools:
             "accuracy": {k: {"worst_group_accuracy": v.get("worst_group_accuracy"),
                              "average_accuracy": v.get("average_accuracy"), "split": v.get("split")}
                          for k, v in evaluation.items() if isinstance(v, dict)},
+            "reprobe": self.store.get_meta("reprobe"),
         }
 
     def findings(self, class_name: Optional[str] = None, spurious_only: bool = False, limit: int = 20) -> dict:
@@ -223,7 +228,7 @@ class RunTools:
                                                                     "via": "chat"})
         s = result.to_json()
         return {"status": s["status"], "approvals": s["approvals"], "augmented": s["augmented"],
-                "accuracy": s["accuracy"], "report": s["report"]}
+                "accuracy": s["accuracy"], "reprobe": s["reprobe"], "report": s["report"]}
 
 
 def langchain_tools(tools: RunTools) -> list:
@@ -286,8 +291,11 @@ class ChatSession:
         spurious = [{"class": f.class_, "phrase": f.phrase, "kind": f.kind, "flip_rate": round(f.flip_rate, 3),
                      "control_flip_rate": round(f.control_flip_rate, 3), "p_value": float(f"{f.p_value:.3g}"),
                      "effect": round(f.effect, 3), "effect_ci": [round(v, 3) for v in f.effect_ci],
-                     "q_value": float(f"{f.q_value:.3g}")}
-                    for f in self.tools.findings_list() if f.spurious][:15]
+                     "q_value": float(f"{f.q_value:.3g}"),
+                     "after": None if f.after is None else {"effect": round(f.after.effect, 3),
+                                                            "q_value": float(f"{f.after.q_value:.3g}"),
+                                                            "verdict": f.after.verdict}}
+                    for f in self.tools.findings_list() if f.spurious or (f.after and f.after.spurious)][:15]
         return render_prompt("chat_system", run_dir=s["run_dir"], kind=s["kind"] or "unknown", status=s["status"],
                              classes=s["classes"], counts=counts, spurious=spurious, n_findings=s["findings"])
 
@@ -456,8 +464,11 @@ class OfflineSession:
             self.console.print_json(json.dumps(t.summary(), default=str))
         elif cmd in ("findings", "spurious"):
             res = t.findings(args[0] if args else None, spurious_only=cmd == "spurious", limit=50)
-            self._table(res["findings"], ("class", "phrase", "kind", "edits", "effect", "effect_ci", "q_value",
-                                          "control_kind", "flip_rate", "control_flip_rate", "spurious"))
+            rows = [{**r, "after": "" if r["after"] is None else f"{r['after']['effect']:+.3f} {r['after']['verdict'] or ''}"}
+                    for r in res["findings"]]
+            after = ("after",) if any(r["after"] for r in rows) else ()
+            self._table(rows, ("class", "phrase", "kind", "edits", "effect", "effect_ci", "q_value",
+                               "control_kind", "flip_rate", "control_flip_rate", "spurious", *after))
         elif cmd == "stats" and args:
             res = t.phrase_stats(args[0])
             self._table(res["groups"], ("kind", "phrase", "n", "p_class", "p_other", "lift", "tested"))

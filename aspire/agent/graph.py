@@ -2,8 +2,9 @@
 
     START → select_holdout → caption → extract_phrases → hypothesize ⇄ probe      (until stable or a budget)
           → review (interrupt: approve / edit / reject) → generate → commit (interrupt) → retrain
-          → evaluate → report → END
-    review rejected or nothing to repair → evaluate;  nothing generated or commit rejected → evaluate
+          → evaluate → reprobe (the stored edits on the retrained model) → report → END
+    review rejected or nothing to repair → evaluate;  nothing generated or commit rejected → evaluate;
+    not retrained → report
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def build_graph(checkpointer: Optional[Any] = None):
     g.add_node("commit", nodes.commit)
     g.add_node("retrain", nodes.retrain)
     g.add_node("evaluate", nodes.evaluate)
+    g.add_node("reprobe", nodes.reprobe)
     g.add_node("report", nodes.report)
 
     g.add_edge(START, "select_holdout")
@@ -41,7 +43,8 @@ def build_graph(checkpointer: Optional[Any] = None):
     g.add_conditional_edges("generate", nodes.route_after_generate)
     g.add_conditional_edges("commit", nodes.route_after_commit)
     g.add_edge("retrain", "evaluate")
-    g.add_edge("evaluate", "report")
+    g.add_conditional_edges("evaluate", nodes.route_after_evaluate)
+    g.add_edge("reprobe", "report")
     g.add_edge("report", END)
 
     return g.compile(checkpointer=checkpointer)

@@ -479,6 +479,20 @@ def evaluate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     return {"accuracy": summary}
 
 
+def reprobe(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
+    """Did the repair remove the reliance? Every stored edit and control scored on the retrained model."""
+    from aspire.models.classifier import load_checkpoint
+
+    ctx = runtime.context
+    store = ctx.pipeline.store
+    path = (store.get_meta("models") or {})["after"]
+    findings = ctx.pipeline.reprobe(load_checkpoint(path, device=ctx.config.agent.device), path)
+    verdicts = (store.get_meta("reprobe") or {}).get("verdicts", {})
+    _stage(store, "reprobe", model=path, verdicts=verdicts)
+    return {"reprobe": {"model": path, "verdicts": verdicts,
+                        "still_spurious": sum(1 for f in findings if f.after and f.after.spurious)}}
+
+
 def report(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     """The HTML / Markdown / JSON report from the run store (aspire.report)."""
     from aspire.report import build_report
@@ -502,6 +516,10 @@ def route_after_review(state: AuditState) -> Literal["generate", "evaluate"]:
 
 def route_after_generate(state: AuditState) -> Literal["commit", "evaluate"]:
     return "commit" if (state.get("augmented") or {}).get("n_images") else "evaluate"
+
+
+def route_after_evaluate(state: AuditState) -> Literal["reprobe", "report"]:
+    return "reprobe" if (state.get("models") or {}).get("after") else "report"
 
 
 def route_after_commit(state: AuditState) -> Literal["retrain", "evaluate"]:

@@ -54,6 +54,7 @@ class AuditState(TypedDict, total=False):
     augmented: Optional[dict[str, Any]]                     # {dir, n_images, per_class}
     models: Optional[dict[str, str]]                        # {before, after} checkpoint paths
     accuracy: Optional[dict[str, Any]]                      # {split, before, after}: worst-group and average
+    reprobe: Optional[dict[str, Any]]                       # {model, verdicts, still_spurious} after retraining
     report: Optional[dict[str, str]]                        # {html, md, json} paths
 
 

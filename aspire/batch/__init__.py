@@ -41,7 +41,8 @@ from rich.console import Console
 
 from aspire.batch.progress import BatchProgress
 from aspire.batch.state import BatchStore, UnitState, all_units, batch_lock, get_unit, log_attempt, put_unit
-from aspire.batch.tasks import Inputs, UnitJob, evaluate_before, one_line, repair as repair_task, run_unit
+from aspire.batch.tasks import (Inputs, UnitJob, evaluate_before, one_line, repair as repair_task, reprobe_unit,
+                                run_unit)
 from aspire.config import AspireConfig
 from aspire.errors import AspireError, ConfigError
 
@@ -215,6 +216,8 @@ def _run(store: BatchStore, batch_dir: Path, states: list[UnitState], args: dict
         # 5. --repair: one retraining over the union of the classes' augmented sets
         failed_units = [s for s in all_units(store) if s.status != "done"]
         repaired = _repair(store, batch_dir, inputs, executor, failed_units, console, progress) if repair else True
+        if repair and repaired:
+            repaired = _reprobe(store, inputs, executor, console, progress)
         store.set_meta("status", "failed" if failed_units or not repaired else "done")
     finally:
         executor.close()
@@ -308,6 +311,30 @@ def _repair(store: BatchStore, batch_dir: Path, inputs: Inputs, executor, failed
                               "seconds": round(time.time() - started, 1)})
     store.log_event("repair", {"status": "done", "after": result["models"]["after"]})
     return True
+
+
+def _reprobe(store: BatchStore, inputs: Inputs, executor, console: Console, progress: bool) -> bool:
+    """Every class run re-probed on the retrained classifier (recorded in meta "reprobe"); False when one failed."""
+    after = ((store.get_meta("repair") or {}).get("models") or {}).get("after")
+    done = store.get_meta("reprobe") or {}
+    if not after or (done.get("model") == after and done.get("status") == "done"):
+        return True
+    say = (lambda m: console.print(m, highlight=False, soft_wrap=True)) if progress else (lambda m: None)
+    units = all_units(store)
+    say(f"re-probing {len(units)} class run(s) on {after}")
+    futures = {u.unit: executor.submit(reprobe_unit, inputs, u.run_dir, after) for u in units}
+    results = {}
+    for unit, future in futures.items():
+        try:
+            results[unit] = future.result()
+        except Exception as e:  # noqa: BLE001 - a crashed worker: that class's re-probe failed
+            results[unit] = {"ok": False, "error": f"worker failed: {one_line(_cause(e))}"}
+    failed = {u: r["error"] for u, r in results.items() if not r.get("ok")}
+    for unit, error in failed.items():
+        say(f"re-probe of {unit} failed: {error}")
+    store.set_meta("reprobe", {"status": "failed" if failed else "done", "model": after, "errors": failed,
+                               "verdicts": {u: r.get("verdicts", {}) for u, r in results.items() if r.get("ok")}})
+    return not failed
 
 
 __all__ = ["BatchResult", "plan_units", "resolve_classes", "run_batch"]

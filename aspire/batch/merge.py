@@ -78,6 +78,7 @@ def merge_batch(batch_dir: str | Path) -> dict[str, Any]:
         units = all_units(store)
         before = store.get_meta("evaluation_before")
         repair = store.get_meta("repair")
+        reprobe = store.get_meta("reprobe")
         status = store.get_meta("status") or "running"
         attempts = store.events("attempt")
     finally:
@@ -103,7 +104,7 @@ def merge_batch(batch_dir: str | Path) -> dict[str, Any]:
                     "phrase": top.phrase, "kind": top.kind, "flip_rate": top.flip_rate,
                     "control_flip_rate": top.control_flip_rate, "effect": top.effect, "effect_ci": top.effect_ci,
                     "q_value": top.q_value, "p_value": top.p_value,
-                    "occurrences": top.occurrences},
+                    "occurrences": top.occurrences, "after": None if top.after is None else top.after.model_dump()},
                 "accuracy": {"before": class_accuracy(before, index), "after": class_accuracy(after, index)},
                 "report": report,
                 "augmented": None if augmented is None else {"dir": augmented.get("dir"),
@@ -123,6 +124,7 @@ def merge_batch(batch_dir: str | Path) -> dict[str, Any]:
         "approved_findings": approved,
         "accuracy": {"before": overall_accuracy(before), "after": overall_accuracy(after)},
         "repair": repair,
+        "reprobe": reprobe,
         "units": [u.model_dump(mode="json") for u in units],
         "attempts": attempts,
     }

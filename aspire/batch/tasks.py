@@ -208,3 +208,32 @@ def repair(inputs: Inputs, augmented_dirs: list[str], out_dir: str) -> dict:
     return {"models": {"before": inputs.model, "after": str(after_path)}, "plan": plan, "after": after,
             "augmented": {"dirs": list(augmented_dirs), "n_images": len(samples)}, "train_seconds": seconds,
             **_where()}
+
+
+# ---------------------------------------------------------------- --repair: each class run re-probed on the new model
+def reprobe_unit(inputs: Inputs, run_dir: str, model: str) -> dict:
+    """Score a class run's stored edits on the batch's retrained classifier (findings[].after), and render its
+    report again; returns the verdicts, or {"error": one line} (never raises for the run's failure)."""
+    store = None
+    try:
+        from aspire.models.classifier import load_checkpoint
+        from aspire.pipeline import ProbePipeline
+        from aspire.report import build_report
+        from aspire.store import RunStore
+
+        _threads(inputs.threads)
+        dataset, clf = load_inputs(inputs)
+        store = RunStore(run_dir)
+        classes = (store.get_meta("args") or {}).get("classes")
+        pipeline = ProbePipeline(dataset, clf, inputs.config, store, classes=classes, seed=inputs.seed)
+        pipeline.reprobe(load_checkpoint(model, device=inputs.config.agent.device), model)
+        verdicts = (store.get_meta("reprobe") or {}).get("verdicts", {})
+        store.close()
+        store = None
+        build_report(run_dir)
+        return {"ok": True, "verdicts": verdicts, **_where()}
+    except Exception as e:  # noqa: BLE001 - reported per class; the batch's other results stand
+        return {"ok": False, "error": one_line(e), "traceback": traceback.format_exc(), **_where()}
+    finally:
+        if store is not None:
+            store.close()

@@ -39,11 +39,11 @@ def batch_context(summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         top = r["top_finding"]
         anchor = f"class-{r['rank']}"
         findings = [{**f, "flip_rate_s": fmt_rate(f["flip_rate"]), "control_flip_rate_s": fmt_rate(f["control_flip_rate"]),
-                     "effect_s": f"{f['effect']:+.3f}", "q_value_s": fmt_p(f["q_value"])}
+                     "effect_s": _effect(f), "q_value_s": fmt_p(f["q_value"])}
                     for f in r["findings"]]
         rows.append({
             **r, "anchor": anchor, "findings": findings,
-            "top": None if top is None else {**top, "effect_s": f"{top['effect']:+.3f}",
+            "top": None if top is None else {**top, "effect_s": _effect(top),
                                             "flip_rate_s": fmt_rate(top["flip_rate"]),
                                             "control_flip_rate_s": fmt_rate(top["control_flip_rate"]),
                                             "q_value_s": fmt_p(top["q_value"])},
@@ -71,6 +71,15 @@ def batch_context(summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "repair": repair,
         "repair_model": _link(((repair or {}).get("models") or {}).get("after"), out_dir),
     }
+
+
+def _effect(f: dict) -> str:
+    """A finding's effect, and after the batch's repair its effect on the retrained model and the verdict."""
+    after = f.get("after")
+    text = f"{f['effect']:+.3f}"
+    if after:
+        text += f" → {after['effect']:+.3f}" + (f" ({after['verdict']})" if after.get("verdict") else "")
+    return text
 
 
 def build_batch_report(batch_dir: str | Path, out_dir: Optional[str | Path] = None) -> dict[str, Path]:

@@ -1,4 +1,5 @@
-"""The report's chart: flip rate of each finding's edits against its control edits (matplotlib, Agg, no pyplot)."""
+"""The report's charts (matplotlib, Agg, no pyplot): flip rate of each finding's edits against its control edits,
+and each finding's effect before and after the repair."""
 
 from __future__ import annotations
 
@@ -56,6 +57,44 @@ def flip_rate_chart(findings: Sequence[Finding]) -> bytes:
                        Patch(color=CONTROL_COLOR, label="control edits")],
               loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8.5, frameon=False,
               borderaxespad=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+BEFORE_COLOR = "#7f8c8d"
+
+
+def effect_change_chart(findings: Sequence[Finding]) -> bytes:
+    """PNG bytes: per re-probed finding its effect before (grey) and after the repair (red while still spurious),
+    with the minimum effect as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    n = len(findings)
+    fig = Figure(figsize=(9.0, 1.2 + 0.34 * max(n, 1)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    rows = list(range(n))[::-1]
+    bar_h = 0.38
+    ax.barh([y + bar_h / 2 for y in rows], [f.effect for f in findings], height=bar_h, color=BEFORE_COLOR)
+    ax.barh([y - bar_h / 2 for y in rows], [f.after.effect for f in findings], height=bar_h,
+            color=[SPURIOUS_COLOR if f.after.spurious else REAL_COLOR for f in findings])
+    ax.set_yticks(rows)
+    ax.set_yticklabels([f"{finding_label(f, 30)}: {f.after.verdict}" for f in findings], fontsize=9)
+    ax.axvline(0, color="#566573", linewidth=0.8)
+    ax.set_ylim(-0.7, max(n, 1) - 0.3)
+    ax.set_xlabel("effect: mean paired drop of the true class's probability (real edit - control)")
+    ax.grid(axis="x", color="#e5e7e9", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(handles=[Patch(color=BEFORE_COLOR, label="before repair"),
+                       Patch(color=SPURIOUS_COLOR, label="after (still spurious)"),
+                       Patch(color=REAL_COLOR, label="after (not spurious)")],
+              loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8.5, frameon=False, borderaxespad=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -32,7 +32,7 @@ TRAIL_EVENTS = ("hypothesis", "outcome", "approval", "llm_failure")
 TRAIL_FIELDS = ("class", "phrase", "kind", "stage", "decision", "source", "reason")
 THUMB_PX = 128
 PNG_BUDGET_BYTES = 24_000  # a thumbnail larger than this as PNG is stored as JPEG when that is smaller
-ASSET_NAME = re.compile(r"[0-9a-f]{16}\.(png|jpg)|flip_rates\.png")
+ASSET_NAME = re.compile(r"[0-9a-f]{16}\.(png|jpg)|flip_rates\.png|effect_change\.png")
 
 
 # ---------------------------------------------------------------- images
@@ -398,6 +398,25 @@ class RunReport:
                 cams[stage][k] = self.assets.image(im, f"Grad-CAM {stage} retraining")
         return cams, info
 
+    def reprobe(self, findings: list[Finding], rows: list[dict]) -> Optional[dict[str, Any]]:
+        """The findings confirmed before or after the repair, re-probed on the new model (None: not re-probed)."""
+        meta = self.store.get_meta("reprobe") or {}
+        mine = [(f, r) for f, r in zip(findings, rows) if f.after is not None and f.after.verdict]
+        if not meta or not any(f.after for f in findings):
+            return None
+        from aspire.report.plots import effect_change_chart
+
+        table = [{**r, "after_effect_s": f"{f.after.effect:+.3f}",
+                  "after_effect_ci_s": f"[{f.after.effect_ci[0]:+.3f}, {f.after.effect_ci[1]:+.3f}]",
+                  "after_q_value_s": fmt_p(f.after.q_value), "after_flip_rate_s": fmt_rate(f.after.flip_rate),
+                  "reduction_q_value_s": fmt_p(f.after.reduction_q_value), "verdict": f.after.verdict}
+                 for f, r in mine]
+        chart = None
+        if mine:
+            chart = self.assets.png(effect_change_chart([f for f, _ in mine][:40]),
+                                    "effect before and after the repair per finding", "effect_change.png")
+        return {"model": meta.get("model"), "verdicts": meta.get("verdicts", {}), "rows": table, "chart": chart}
+
     # ------------------------------------------------------------ context and output
     def context(self) -> dict[str, Any]:
         """Everything the templates and the JSON show, as plain values and `Img`s."""
@@ -430,6 +449,7 @@ class RunReport:
                                     "flip_rates.png")
             if len(findings) > 40:
                 self.notes.append(f"the chart shows the first 40 of {len(findings)} findings")
+        reprobe = self.reprobe(findings, rows)
         if augmented is not None:
             augmented["samples"] = [{"class": c, "images": [im for im in (self._thumb_path(str(p), f"generated {c}")
                                                                           for p in ps[:6]) if im is not None]}
@@ -448,6 +468,7 @@ class RunReport:
             "gradcam": cam_info,
             "chart": chart,
             "accuracy": self.accuracy(),
+            "reprobe": reprobe,
             "augmented": augmented,
             "trail": self.trail(),
             "counts": self.counts(findings),
@@ -519,6 +540,7 @@ def _summary(ctx: dict[str, Any], store: RunStore, paths: dict[str, str], images
         "generated": ctx["generated"],
         "findings": findings,
         "accuracy": ctx["accuracy"]["raw"],
+        "reprobe": None if ctx["reprobe"] is None else {k: ctx["reprobe"][k] for k in ("model", "verdicts")},
         "gradcam": ctx["gradcam"],
         "augmented": _plain(ctx["augmented"]),
         "counts": ctx["counts"],
