@@ -13,7 +13,8 @@ from the probe run:
 Then every method x {none, generic, aspire} is trained (aspire.models.methods.train_with_method, the CLI's
 smallcnn settings) and evaluated on the test split with the benchmark's groups (GROUP_ATTR). ERM without
 augmentation is the ERM model itself; DFR retrains the last layer of that ERM model (--init). Every
-benchmark, model, probe run, augmented set and cell result is cached under --workdir: a re-run resumes.
+benchmark, model, probe run, augmented set and cell result (and its checkpoint) is cached under --workdir: a
+re-run resumes.
 Results are written after every seed, so a partial run leaves a partial table.
 
 Each benchmark's results go to their own files (evals/results/toy_table_<benchmark>.json and .md), so one
@@ -46,8 +47,8 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------- probe and augmented sets
-def probe_run(data: Path, model: Path, seed: int, run_dir: Path) -> dict:
-    """A finished probe run of the ERM model (resumed when run_dir holds one), recorded as `aspire probe` does."""
+def probe_pipeline(data: Path, model: Path, seed: int, run_dir: Path):
+    """The probe pipeline of the ERM model in run_dir (offline backends), recorded as `aspire probe` does."""
     from aspire.config import load_config
     from aspire.data.formats import load_dataset
     from aspire.models.classifier import load_checkpoint
@@ -65,27 +66,37 @@ def probe_run(data: Path, model: Path, seed: int, run_dir: Path) -> dict:
         store.set_meta("kind", "probe")
         store.set_meta("args", args)
         store.set_meta("record", run_record(cfg, seed=seed, classifier={"arch": clf.arch, "classes": clf.class_names}))
+    return ProbePipeline(load_dataset(data), clf, cfg, store, seed=seed)
+
+
+def probe_run(data: Path, model: Path, seed: int, run_dir: Path) -> dict:
+    """A finished probe run of the ERM model (resumed when run_dir holds one)."""
     started = time.perf_counter()
-    result = ProbePipeline(load_dataset(data), clf, cfg, store, seed=seed).run()
+    result = probe_pipeline(data, model, seed, run_dir).run()
     return {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - started, 1), "counts": vars(result.counts),
             "findings": len(result.findings), "spurious": sum(1 for f in result.findings if f.spurious)}
 
 
-def augmented_sets(run_dir: Path, out_root: Path, seed: int, images_per_class: Optional[int]) -> dict:
-    """The aspire set (spurious, else the first fallback rule with flipped edits) and the generic set of the
-    same size per class. A set that cannot be made is None, with the reason recorded."""
-    from aspire.augment import augment_run, run_config, select_edits
+def _set_config(run_dir: Path, select: str, images_per_class: Optional[int]):
+    from aspire.augment import run_config
+
+    cfg = run_config(run_dir)
+    cfg.augment.select = select
+    if images_per_class is not None:
+        cfg.generate.images_per_class = images_per_class
+    return cfg
+
+
+def aspire_set(run_dir: Path, out_root: Path, seed: int, images_per_class: Optional[int]) -> tuple[Optional[dict], list]:
+    """(the aspire set: spurious, else the first fallback rule with flipped edits, or None; the rules that gave
+    nothing, with why)."""
+    from aspire.augment import augment_run, select_edits
     from aspire.store import RunStore
 
     def config(select: str):
-        cfg = run_config(run_dir)
-        cfg.augment.select = select
-        if images_per_class is not None:
-            cfg.generate.images_per_class = images_per_class
-        return cfg
+        return _set_config(run_dir, select, images_per_class)
 
-    quiet = lambda m: None  # noqa: E731 - skipped classes and notes are in the result
-    # 1. aspire: the first rule under which some class has flipped edits (never a silent fallback)
+    # the first rule under which some class has flipped edits (never a silent fallback)
     store = RunStore(run_dir)
     class_names = list(store.get_meta("record")["classifier"]["classes"])
     fallback, chosen = [], None
@@ -96,16 +107,25 @@ def augmented_sets(run_dir: Path, out_root: Path, seed: int, images_per_class: O
             break
         fallback.append({"select": select, "skipped": skipped})
     store.close()
-    aspire = None
-    if chosen is not None:
-        started = time.perf_counter()
-        r = augment_run(run_dir, out_root / f"aspire-{chosen}", config(chosen), seed, on_message=quiet)
-        aspire = {"select": chosen, "dir": str(r.out_dir), "n_images": r.n_images, "per_class": r.per_class,
-                  "skipped": r.skipped, "notes": r.notes, "seconds": round(time.perf_counter() - started, 1)}
-    # 2. generic: the aspire set's images per class; without an aspire set, the generator's count for every class
+    if chosen is None:
+        return None, fallback
+    started = time.perf_counter()
+    r = augment_run(run_dir, out_root / f"aspire-{chosen}", config(chosen), seed, on_message=lambda m: None)
+    return {"select": chosen, "dir": str(r.out_dir), "n_images": r.n_images, "per_class": r.per_class,
+            "skipped": r.skipped, "notes": r.notes, "seconds": round(time.perf_counter() - started, 1)}, fallback
+
+
+def augmented_sets(run_dir: Path, out_root: Path, seed: int, images_per_class: Optional[int]) -> dict:
+    """The aspire set and the generic set of the same size per class. A set that cannot be made is None, with
+    the reason recorded."""
+    from aspire.augment import augment_run
+
+    aspire, fallback = aspire_set(run_dir, out_root, seed, images_per_class)
+    # generic: the aspire set's images per class; without an aspire set, the generator's count for every class
     started = time.perf_counter()
     counts = aspire["per_class"] if aspire else None
-    r = augment_run(run_dir, out_root / "generic", config("generic"), seed, counts=counts, on_message=quiet)
+    cfg = _set_config(run_dir, "generic", images_per_class)
+    r = augment_run(run_dir, out_root / "generic", cfg, seed, counts=counts, on_message=lambda m: None)
     generic = {"select": "generic", "dir": str(r.out_dir), "n_images": r.n_images, "per_class": r.per_class,
                "skipped": r.skipped, "notes": r.notes, "seconds": round(time.perf_counter() - started, 1),
                "counts_from": "aspire" if aspire else "generate.images_per_class"}
@@ -114,11 +134,12 @@ def augmented_sets(run_dir: Path, out_root: Path, seed: int, images_per_class: O
 
 # ---------------------------------------------------------------- one cell of the table
 def train_cell(method: str, aug: str, bench: str, data: Path, erm_path: Path, augdir: Optional[str], seed: int,
-               epochs: int, method_settings: dict) -> dict:
-    """Train `method` with augmentation `aug` (none: augdir None) and evaluate it on test."""
+               epochs: int, method_settings: dict, checkpoint: Optional[Path] = None) -> dict:
+    """Train `method` with augmentation `aug` (none: augdir None) and evaluate it on test (and save it to
+    `checkpoint` when given)."""
     from aspire.data.augmented import load_augmented
     from aspire.data.formats import load_dataset
-    from aspire.models.classifier import build_classifier, load_checkpoint
+    from aspire.models.classifier import build_classifier, load_checkpoint, save_checkpoint
     from aspire.models.evaluate import evaluate
     from aspire.models.methods import Augmentation, MethodSettings, OptimSettings, train_with_method
 
@@ -136,6 +157,8 @@ def train_cell(method: str, aug: str, bench: str, data: Path, erm_path: Path, au
         clf = train_with_method(method, ds, lambda: build_classifier("smallcnn", ds.class_names, seed=seed), optim,
                                 MethodSettings(**method_settings), augmentation=augmentation, init=init)
         seconds = round(time.perf_counter() - started, 1)
+    if checkpoint is not None:
+        save_checkpoint(clf, checkpoint)
     r = evaluate(clf, ds, "test")
     return {"worst_group_accuracy": r.worst_group_accuracy, "average_accuracy": r.average_accuracy,
             "weighted_average_accuracy": r.weighted_average_accuracy, "worst_group": r.worst_group,
@@ -170,7 +193,7 @@ def run_seed(bench: str, seed: int, epochs: int, args: argparse.Namespace) -> di
                 continue
             log(f"{bench} seed {seed}: training {method} + {aug}")
             cell = train_cell(method, aug, bench, data, erm_path, augset["dir"] if augset else None, seed, epochs,
-                              args.method_settings)
+                              args.method_settings, checkpoint=cache.with_suffix(".pt"))
             write_json(cache, cell)
             cells[method][aug] = cell
             log(f"{bench} seed {seed}: {method} + {aug}: worst-group {cell['worst_group_accuracy']:.3f}, "

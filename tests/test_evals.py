@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from evals import discovery_eval, erm_eval
+from evals import calibration_eval, discovery_eval, erm_eval
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +50,24 @@ def test_element_matching_and_ranking_metrics():
     assert discovery_eval.average_precision(["boat", None, "water"], {"boat", "water"}) == pytest.approx(5 / 6)
     assert discovery_eval.average_precision(["boat"], {"boat", "water"}) == pytest.approx(0.5)
     assert discovery_eval.precision_at_k(["boat", None, "water"], {"boat", "water"}, 2) == 0.5
+
+
+def test_calibration_eval_debug(workdir):
+    out = workdir / "results"
+    res = calibration_eval.main(["--debug", "--benchmarks", "toy-waterbirds", "--workdir", str(workdir),
+                                 "--out", str(out)])
+    run, = res["runs"]
+    assert run["repaired"] and run["before"] and len(run["after"]) == len(run["before"])
+    # every point is a probed (class, element) with counterfactuals, read from the same findings before and after
+    assert {(p["class"], p["element"]) for p in run["before"]} == {(p["class"], p["element"]) for p in run["after"]}
+    s = res["summary"]["toy-waterbirds"]["mean_prob_drop_before"]
+    assert s["points"] == len(run["before"])
+    assert s["pooled"] == pytest.approx(calibration_eval.spearman(run["before"], "mean_prob_drop"))
+    assert (out / "calibration_debug.md").is_file() and (out / "calibration_debug.png").is_file()
+
+
+def test_spearman_is_undefined_on_too_few_or_constant_points():
+    rows = [{"effect": e, "drop": d} for e, d in ((0.1, 0.2), (0.2, 0.3), (0.3, 0.5), (0.0, 0.1))]
+    assert calibration_eval.spearman(rows, "drop") == pytest.approx(1.0)
+    assert calibration_eval.spearman(rows[:2], "drop") is None
+    assert calibration_eval.spearman([{**r, "effect": 0.0} for r in rows], "drop") is None
