@@ -429,13 +429,24 @@ class ProbePipeline:
     def _donor(self, sample: Sample, seed: int, wanted: Callable[[str], bool], whole: bool = False):
         """(image, object mask, background region, phrase) of another hold-out image whose background group is
         `wanted`; its object must be found when its region is not, or when its `whole` background is wanted
-        (its object is inpainted away then). None when there is none."""
+        (its object is inpainted away then). None when there is none.
+
+        The group is drawn first, each wanted group alike (among those of at least probe.min_occurrences images,
+        when there are such), then an image of it: a background change goes to another kind of background,
+        not to whatever kind the probed classes' images happen to show most."""
+        rng = random.Random(seed)
         keys = sorted(k for k in self.store.get_meta("holdout", []) if k != sample.image)
-        random.Random(seed).shuffle(keys)
+        rng.shuffle(keys)
+        by_group: dict[str, list[str]] = defaultdict(list)
         for key in keys:
             bg = self._background_of(key)
-            if bg is None or not wanted(self._background_group(bg[0])):
-                continue
+            if bg is not None and wanted(group := self._background_group(bg[0])):
+                by_group[group].append(key)
+        large = [g for g in sorted(by_group) if len(by_group[g]) >= self.config.probe.min_occurrences]
+        rng.shuffle(large)
+        order = large + sorted(g for g in by_group if g not in large)
+        for key in (k for g in order for k in by_group[g]):
+            bg = self._background_of(key)
             mask = self.object_mask(self.samples[key])
             if mask is None and (bg[1] is None or whole):
                 continue

@@ -64,13 +64,15 @@ def points(findings, reliance, elements: dict, after: bool) -> list[dict]:
     return out
 
 
-def spearman(rows: list[dict], measure: str) -> Optional[float]:
-    from scipy.stats import spearmanr
+def correlation(rows: list[dict], measure: str, method: str = "spearman") -> Optional[float]:
+    """Spearman's rho (or Pearson's r) of the probe's effect and the measured drop; None where undefined."""
+    from scipy.stats import pearsonr, spearmanr
 
     x, y = [r["effect"] for r in rows], [r[measure] for r in rows]
     if len(rows) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
-        return None   # undefined
-    return float(spearmanr(x, y).statistic)
+        return None
+    return float((spearmanr if method == "spearman" else pearsonr)(x, y).statistic)
+
 
 
 def sample(run: dict, when: str) -> list[dict]:
@@ -151,7 +153,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         args.plot = args.out / "calibration_debug.png"
     runs = [run_seed(b, s, args.epochs or EPOCHS[b], args) for b in args.benchmarks for s in args.seeds]
 
-    # 1. rho per benchmark: pooled over seeds, per seed (mean ± std), before / after / both
+    # 1. rho per benchmark and measure, before / after / both: pooled over seeds, per seed (mean ± std), on the
+    #    points with enough counterfactuals; Pearson's r beside it (how linear, not only how monotone)
+    def cell(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
     summary, rows = {}, []
     for b in args.benchmarks:
         mine = [r for r in runs if r["benchmark"] == b]
@@ -160,36 +166,32 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for when in ("before", "after", "both"):
                 pooled = [p for r in mine for p in sample(r, when)]
                 large = [p for p in pooled if p["n"] >= args.min_counterfactuals]
-                s[f"{measure}_{when}"] = {"pooled": spearman(pooled, measure), "points": len(pooled),
-                                          "per_seed": mean_std(spearman(sample(r, when), measure) for r in mine),
-                                          "pooled_large": spearman(large, measure), "points_large": len(large)}
+                x = s[f"{measure}_{when}"] = {
+                    "pooled": correlation(pooled, measure), "points": len(pooled),
+                    "per_seed": mean_std(correlation(sample(r, when), measure) for r in mine),
+                    "pooled_large": correlation(large, measure), "points_large": len(large),
+                    "pearson": correlation(pooled, measure, "pearson")}
+                per_seed = x["per_seed"]
+                rows.append([b, "P(true) drop" if measure == "mean_prob_drop" else "accuracy drop", when,
+                             f"{cell(x['pooled'])} (n={x['points']})",
+                             "n/a" if not per_seed["n"] else f"{per_seed['mean']:.2f} ± {per_seed['std']:.2f}",
+                             f"{cell(x['pooled_large'])} (n={x['points_large']})", cell(x["pearson"])])
         targeted = [t for r in mine for t in r["targeted"]]
         s["targeted"] = {"n": len(targeted), "dropped": sum(t["after"] < t["effect"] for t in targeted),
                          "verdicts": {v: sum(t["verdict"] == v for t in targeted)
                                       for v in ("removed", "reduced", "unchanged")}}
         summary[b] = s
-        for measure in MEASURES:
-            cells = []
-            for when in ("before", "after", "both"):
-                x = s[f"{measure}_{when}"]
-                rho = "n/a" if x["pooled"] is None else f"{x['pooled']:.2f}"
-                large = "n/a" if x["pooled_large"] is None else f"{x['pooled_large']:.2f}"
-                per_seed = x["per_seed"]
-                spread = "n/a" if not per_seed["n"] else f"{per_seed['mean']:.2f} ± {per_seed['std']:.2f}"
-                cells += [f"{rho} (n={x['points']})", spread, f"{large} (n={x['points_large']})"]
-            rows.append([b, "P(true) drop" if measure == "mean_prob_drop" else "accuracy drop", *cells])
     plot = scatter(runs, args.benchmarks, "mean_prob_drop", args.plot)
 
     # 2. the findings the repair targeted
     target_rows = [[r["benchmark"], r["seed"], t["class"], t["phrase"], t["kind"], f"{t['effect']:+.3f}",
                     f"{t['after']:+.3f}", t["verdict"]] for r in runs for t in r["targeted"]]
-    header = ["benchmark", "measure"]
-    for when in ("before", "after", "both"):
-        header += [f"rho {when} (pooled)", f"rho {when} (per seed)", f"rho {when} (n ≥ {args.min_counterfactuals})"]
-    md = ("## Calibration: probe effect vs exact-counterfactual reliance (Spearman's rho)\n\n"
-          + markdown_table(header, rows)
-          + f"\nPoints: probed (class, element) pairs with counterfactuals, seeds pooled; per seed: mean ± std of rho. "
-          + f"Scatter plot: {plot}.\n\nFindings the repair targeted (spurious before, class given generated images):\n\n"
+    md = ("## Calibration: probe effect vs exact-counterfactual reliance\n\n"
+          + markdown_table(["benchmark", "measured", "model", "Spearman rho (pooled)", "rho per seed",
+                            f"rho (n ≥ {args.min_counterfactuals} counterfactuals)", "Pearson r (pooled)"], rows)
+          + "\nPoints: probed (class, element) pairs with counterfactuals, seeds pooled; model: the ERM model, the "
+          + f"repaired one, or both. Per seed: mean ± std of rho. Scatter plot: {plot}.\n\n"
+          + "Findings the repair targeted (spurious before, class given generated images):\n\n"
           + markdown_table(["benchmark", "seed", "class", "phrase", "kind", "effect before", "effect after",
                             "verdict"], target_rows or [["-"] * 8]))
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -62,12 +62,13 @@ def test_calibration_eval_debug(workdir):
     assert {(p["class"], p["element"]) for p in run["before"]} == {(p["class"], p["element"]) for p in run["after"]}
     s = res["summary"]["toy-waterbirds"]["mean_prob_drop_before"]
     assert s["points"] == len(run["before"])
-    assert s["pooled"] == pytest.approx(calibration_eval.spearman(run["before"], "mean_prob_drop"))
+    assert s["pooled"] == pytest.approx(calibration_eval.correlation(run["before"], "mean_prob_drop"))
     assert (out / "calibration_debug.md").is_file() and (out / "calibration_debug.png").is_file()
 
 
-def test_spearman_is_undefined_on_too_few_or_constant_points():
+def test_correlation_is_undefined_on_too_few_or_constant_points():
     rows = [{"effect": e, "drop": d} for e, d in ((0.1, 0.2), (0.2, 0.3), (0.3, 0.5), (0.0, 0.1))]
-    assert calibration_eval.spearman(rows, "drop") == pytest.approx(1.0)
-    assert calibration_eval.spearman(rows[:2], "drop") is None
-    assert calibration_eval.spearman([{**r, "effect": 0.0} for r in rows], "drop") is None
+    assert calibration_eval.correlation(rows, "drop") == pytest.approx(1.0)
+    assert calibration_eval.correlation(rows[:2], "drop") is None
+    assert calibration_eval.correlation([{**r, "effect": 0.0} for r in rows], "drop") is None
+    assert calibration_eval.correlation(rows, "drop", "pearson") == pytest.approx(0.9827, abs=1e-4)
