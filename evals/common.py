@@ -86,6 +86,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def args_json(args: argparse.Namespace) -> dict[str, Any]:
+    """An eval's arguments as the results file records them (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
 def write_results(out_dir: Path, name: str, results: dict, markdown: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_json(out_dir / f"{name}.json", results), write_text(out_dir / f"{name}.md", markdown)

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from evals.common import EPOCHS, device_name, erm_model, eval_parser, fmt, markdown_table, mean_std, toy_data, write_results
+from evals.common import (EPOCHS, args_json, device_name, erm_model, eval_parser, fmt, markdown_table, mean_std,
+                          toy_data, write_results)
 from evals.erm_eval import GROUP_ATTR
 
 METHODS = ("erm", "groupdro", "jtt", "dfr", "subg")
@@ -292,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             wall = time.perf_counter() - started
             summary = summarize(runs, [b], args.methods)
             md = markdown(runs, summary, epochs, wall)
-            every[b] = {"args": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            every[b] = {"args": {**args_json(args),
                                  "benchmarks": [b], "epochs": epochs},
                         "complete": len(runs) == len(args.seeds), "wall_seconds": round(wall, 1),
                         "summary": summary, "runs": runs}

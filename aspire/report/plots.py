@@ -22,7 +22,6 @@ def flip_rate_chart(findings: Sequence[Finding]) -> bytes:
     """PNG bytes: per finding a bar for its flip rate and one for its control flip rate; spurious ones in red."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     # 1. layout: one row per finding, the strongest on top
     n = len(findings)
@@ -46,17 +45,22 @@ def flip_rate_chart(findings: Sequence[Finding]) -> bytes:
 
     # 3. axes, legend
     ax.set_xlim(0, 1)
+    return _finish(fig, ax, n, "share of edits that flip the classifier",
+                   {SPURIOUS_COLOR: "edits (spurious finding)", REAL_COLOR: "edits", CONTROL_COLOR: "control edits"})
+
+
+def _finish(fig, ax, n: int, xlabel: str, legend: dict[str, str]) -> bytes:
+    """The charts' common axes (one row per finding, x grid, no top/right spines), legend on top, as PNG bytes."""
+    from matplotlib.patches import Patch
+
     ax.set_ylim(-0.7, max(n, 1) - 0.3)
-    ax.set_xlabel("share of edits that flip the classifier")
+    ax.set_xlabel(xlabel)
     ax.grid(axis="x", color="#e5e7e9", linewidth=0.8)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.legend(handles=[Patch(color=SPURIOUS_COLOR, label="edits (spurious finding)"),
-                       Patch(color=REAL_COLOR, label="edits"),
-                       Patch(color=CONTROL_COLOR, label="control edits")],
-              loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8.5, frameon=False,
-              borderaxespad=0.3)
+    ax.legend(handles=[Patch(color=c, label=label) for c, label in legend.items()], loc="lower left",
+              bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8.5, frameon=False, borderaxespad=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -71,7 +75,6 @@ def effect_change_chart(findings: Sequence[Finding]) -> bytes:
     with the minimum effect as a dashed line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     n = len(findings)
     fig = Figure(figsize=(9.0, 1.2 + 0.34 * max(n, 1)), dpi=100)
@@ -85,17 +88,6 @@ def effect_change_chart(findings: Sequence[Finding]) -> bytes:
     ax.set_yticks(rows)
     ax.set_yticklabels([f"{finding_label(f, 30)}: {f.after.verdict}" for f in findings], fontsize=9)
     ax.axvline(0, color="#566573", linewidth=0.8)
-    ax.set_ylim(-0.7, max(n, 1) - 0.3)
-    ax.set_xlabel("effect: mean paired drop of the true class's probability (real edit - control)")
-    ax.grid(axis="x", color="#e5e7e9", linewidth=0.8)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    ax.legend(handles=[Patch(color=BEFORE_COLOR, label="before repair"),
-                       Patch(color=SPURIOUS_COLOR, label="after (still spurious)"),
-                       Patch(color=REAL_COLOR, label="after (not spurious)")],
-              loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8.5, frameon=False, borderaxespad=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _finish(fig, ax, n, "effect: mean paired drop of the true class's probability (real edit - control)",
+                   {BEFORE_COLOR: "before repair", SPURIOUS_COLOR: "after (still spurious)",
+                    REAL_COLOR: "after (not spurious)"})
