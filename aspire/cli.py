@@ -65,10 +65,6 @@ def main() -> None:
 # ---------------------------------------------------------------- train / eval (aspire.models)
 ArchName = Literal["smallcnn", "resnet18", "resnet34", "resnet50"]  # = aspire.models.classifier.ARCHS
 FormatName = Literal["waterbirds", "celeba", "imagefolder"]       # = aspire.data.formats.FORMATS
-TRAIN_DEFAULTS = {  # per arch: epochs, batch size, lr, weight decay (resnets: the paper's Waterbirds setting)
-    "smallcnn": {"epochs": 10, "batch_size": 64, "lr": 0.05, "weight_decay": 5e-4},
-    "resnet": {"epochs": 100, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-3},
-}
 
 
 def _eval_table(result: Any, title: str) -> None:
@@ -135,6 +131,7 @@ def train_cmd(
       subg      SUBG (Idrissi et al. 2022): every group subsampled to the smallest, then ERM
     groupdro, jtt and subg select the epoch by validation worst-group accuracy.
     """
+    from aspire.config import TrainSettings
     from aspire.data.formats import load_dataset
     from aspire.errors import ConfigError, DataError
     from aspire.models.classifier import build_classifier, load_checkpoint, save_checkpoint
@@ -155,11 +152,9 @@ def train_cmd(
         arch = init_clf.arch
     if arch is None:
         raise typer.BadParameter("required unless --method dfr --init MODEL.pt", param_hint="--arch")
-    defaults = TRAIN_DEFAULTS["smallcnn" if arch == "smallcnn" else "resnet"]
-    epochs = defaults["epochs"] if epochs is None else epochs
-    batch_size = defaults["batch_size"] if batch_size is None else batch_size
-    lr = defaults["lr"] if lr is None else lr
-    weight_decay = defaults["weight_decay"] if weight_decay is None else weight_decay
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
+    recipe = TrainSettings.for_arch(arch).model_copy(update={k: v for k, v in given.items() if v is not None})
+    epochs, batch_size, lr, weight_decay = recipe.epochs, recipe.batch_size, recipe.lr, recipe.weight_decay
     # 2. data and model
     ds = load_dataset(data, format, attr=attr, target=target)
     val_samples = ds.split("val", allow_empty=True)
@@ -264,21 +259,14 @@ def _default_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _open_run(run_dir: Path, kind: str, args: dict) -> "Any":
-    """Open (or resume) a run folder; a run of other inputs in the same folder is refused."""
-    from aspire.errors import AspireError
+def _open_run(run_dir: Path, kind: str, args: "Any") -> "Any":
+    """Open (or resume) a run folder; a run of another kind or other inputs in the same folder is refused."""
     from aspire.store import RunStore
+    from aspire.workflows.runs import open_run
 
-    store = RunStore(run_dir)
-    recorded = store.get_meta("args")
-    if recorded is None:
-        store.set_meta("kind", kind)
-        store.set_meta("args", args)
-    elif recorded != args:
-        changed = sorted(k for k in set(recorded) | set(args) if recorded.get(k) != args.get(k))
-        raise AspireError(f"{run_dir}: holds a run with other inputs ({', '.join(changed)}); "
-                          "use another --run-dir to start a new run")
-    else:
+    resuming = (run_dir / RunStore.DB_NAME).is_file()
+    store = open_run(run_dir, kind, args)
+    if resuming:
         err.print(f"resuming the run in {run_dir}", highlight=False)
     return store
 
@@ -357,17 +345,18 @@ def probe_cmd(
     """Steps 1-4 of the method as a plain pipeline: hold-out, caption, phrases, edits, probe with controls."""
     from aspire.data.formats import load_dataset
     from aspire.models.classifier import load_checkpoint
-    from aspire.pipeline import ProbePipeline
     from aspire.progress import step_progress
     from aspire.provenance import run_record
+    from aspire.workflows.probe import ProbePipeline
+    from aspire.workflows.runs import RunArgs
 
     # 1. inputs and settings
     cfg = _probe_config(config_file, annotations, data)
     ds = load_dataset(data, format, attr=attr, target=target)
     clf = load_checkpoint(model, device=device)
     run_dir = run_dir or _default_run_dir("probe")
-    args = {"data": str(data.resolve()), "format": format, "attr": attr, "target": target,
-            "model": str(model.resolve()), "classes": _split_classes(classes), "seed": seed}
+    args = RunArgs(data=str(data.resolve()), format=format, attr=attr, target=target, model=str(model.resolve()),
+                   classes=_split_classes(classes), seed=seed)
     store = _open_run(run_dir, "probe", args)
     store.set_meta("record", run_record(cfg, seed=seed, classifier={"arch": clf.arch, "classes": clf.class_names}))
     # 2. run (resumes what the store already holds)
@@ -530,6 +519,7 @@ def audit_cmd(
         from aspire.data.formats import load_dataset
         from aspire.models.classifier import load_checkpoint
         from aspire.provenance import run_record
+        from aspire.workflows.runs import RunArgs
 
         cfg = _probe_config(config_file, annotations, data)
         for key, value in overrides.items():
@@ -537,8 +527,8 @@ def audit_cmd(
         ds = load_dataset(data, format, attr=attr, target=target)
         clf = load_checkpoint(model, device=device)
         run_dir = run_dir or _default_run_dir("audit")
-        args = {"data": str(data.resolve()), "format": format, "model": str(model.resolve()),
-                "classes": _split_classes(classes), "seed": seed, "attr": attr, "target": target}
+        args = RunArgs(data=str(data.resolve()), format=format, model=str(model.resolve()),
+                       classes=_split_classes(classes), seed=seed, attr=attr, target=target)
         store = _open_run(run_dir, "audit", args)
         if store.get_meta("record") is None:
             planner = "offline" if cfg.agent.offline else llm_record(cfg.agent)
@@ -601,7 +591,7 @@ def demo_cmd(
 ) -> None:
     """The whole pipeline offline on toy-waterbirds: toy data → ERM smallcnn → audit (offline planner,
     approved) → generate → retrain → report; prints the findings and worst-group accuracy before → after."""
-    from aspire.demo import run_demo
+    from aspire.workflows.demo import run_demo
 
     sizes = None
     if train_per_class is not None:
@@ -623,7 +613,7 @@ def demo_cmd(
     out.print(f"run: {summary['run_dir']} ({summary['seconds']:.0f} s)", highlight=False)
 
 
-# ---------------------------------------------------------------- augment (step 5, aspire.augment)
+# ---------------------------------------------------------------- augment (step 5, aspire.workflows.repair)
 @app.command("augment")
 def augment_cmd(
     run_dir: Path = typer.Option(..., "--run-dir", help="a finished probe or audit run folder"),
@@ -633,7 +623,7 @@ def augment_cmd(
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
 ) -> None:
     """Step 5: generate images of each class without its spurious features, from the run's flipped edits."""
-    from aspire.augment import augment_run, run_config
+    from aspire.workflows.repair import augment_run, run_config
     from aspire.progress import step_progress
 
     cfg = run_config(run_dir, config_file)

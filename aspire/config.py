@@ -110,6 +110,22 @@ class ProbeSettings(Settings):
     seed: int = 0
 
 
+class TrainSettings(Settings):
+    """An SGD training recipe. `for_arch` gives the defaults: smallcnn 10 epochs, batch 64, lr 0.05, weight decay
+    5e-4; the resnets the paper's Waterbirds setting (100 epochs, batch 32, lr 1e-3, weight decay 1e-3)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+
+    @classmethod
+    def for_arch(cls, arch: Optional[str]) -> "TrainSettings":
+        if arch in (None, "smallcnn"):
+            return cls()
+        return cls(epochs=100, batch_size=32, lr=1e-3, weight_decay=1e-3)
+
+
 class AgentSettings(Settings):
     """The investigation agent (aspire audit / chat): its LLM, its budgets, and the retraining it runs."""
 

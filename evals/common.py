@@ -61,10 +61,17 @@ def erm_model(data: Path, seed: int, workdir: Path, epochs: int, arch: str = "sm
     if not path.is_file():
         ds = load_dataset(data)
         clf = build_classifier(arch, ds.class_names, seed=seed)
-        train_classifier(clf, ds.split("train"), ds.split("val"), epochs=epochs, batch_size=64, lr=0.05,
-                         weight_decay=5e-4, seed=seed, augment=True, progress=False)
+        train_classifier(clf, ds.split("train"), ds.split("val"), epochs=epochs, seed=seed, augment=True,
+                         progress=False, **recipe(arch))
         save_checkpoint(clf, path)
     return path
+
+
+def recipe(arch: str = "smallcnn") -> dict[str, float]:
+    """The architecture's default batch size, lr and weight decay (config.TrainSettings), as keyword arguments."""
+    from aspire.config import TrainSettings
+
+    return TrainSettings.for_arch(arch).model_dump(exclude={"epochs"})
 
 
 def mean_std(values: Iterable[float]) -> dict[str, float]:

@@ -73,7 +73,7 @@ def run_seed(bench: str, seed: int, workdir: Path, debug: bool, epochs: int, thr
     from aspire.data.formats import load_dataset
     from aspire.data.toy.reliance import measure_reliance
     from aspire.models.classifier import load_checkpoint
-    from aspire.pipeline import ProbePipeline
+    from aspire.workflows.probe import ProbePipeline
     from aspire.schemas import Edit
     from aspire.store import RunStore
 

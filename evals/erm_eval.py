@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from evals.common import EPOCHS, args_json, eval_parser, fmt, markdown_table, mean_std, toy_data, write_results
+from evals.common import EPOCHS, args_json, eval_parser, fmt, markdown_table, mean_std, recipe, toy_data, write_results
 
 GROUP_ATTR = {"toy-waterbirds": "place", "toy-multiclass": "attr"}
 
@@ -26,8 +26,8 @@ def run_seed(bench: str, seed: int, workdir: Path, debug: bool, epochs: int) -> 
     ds = load_dataset(data, attr=GROUP_ATTR[bench])
     clf = build_classifier("smallcnn", ds.class_names, seed=seed)
     started = time.perf_counter()
-    train_classifier(clf, ds.split("train"), ds.split("val"), epochs=epochs, batch_size=64, lr=0.05,
-                     weight_decay=5e-4, seed=seed, augment=True, progress=False)
+    train_classifier(clf, ds.split("train"), ds.split("val"), epochs=epochs, seed=seed, augment=True, progress=False,
+                     **recipe())
     seconds = time.perf_counter() - started
     r = evaluate(clf, ds, "test")
     return {"benchmark": bench, "seed": seed, "epochs": epochs, "train_seconds": round(seconds, 1),

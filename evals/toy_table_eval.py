@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from evals.common import (EPOCHS, args_json, device_name, erm_model, eval_parser, fmt, markdown_table, mean_std,
-                          toy_data, write_results)
+                          recipe, toy_data, write_results)
 from evals.erm_eval import GROUP_ATTR
 
 METHODS = ("erm", "groupdro", "jtt", "dfr", "subg")
@@ -53,19 +53,15 @@ def probe_pipeline(data: Path, model: Path, seed: int, run_dir: Path):
     from aspire.config import load_config
     from aspire.data.formats import load_dataset
     from aspire.models.classifier import load_checkpoint
-    from aspire.pipeline import ProbePipeline
+    from aspire.workflows.probe import ProbePipeline
     from aspire.provenance import run_record
-    from aspire.store import RunStore
+    from aspire.workflows.runs import RunArgs, open_run
 
     ann = str((data / "annotations.jsonl").resolve())
     cfg = load_config(None, {"caption": {"annotations": ann}, "ground": {"annotations": ann}})
     clf = load_checkpoint(model)
-    store = RunStore(run_dir)
-    args = {"data": str(data.resolve()), "format": "waterbirds", "attr": None, "target": None,
-            "model": str(model.resolve()), "classes": None, "seed": seed}
-    if store.get_meta("args") is None:
-        store.set_meta("kind", "probe")
-        store.set_meta("args", args)
+    store = open_run(run_dir, "probe", RunArgs(data=str(data.resolve()), model=str(model.resolve()), seed=seed))
+    if store.get_meta("record") is None:
         store.set_meta("record", run_record(cfg, seed=seed, classifier={"arch": clf.arch, "classes": clf.class_names}))
     return ProbePipeline(load_dataset(data), clf, cfg, store, seed=seed)
 
@@ -79,7 +75,7 @@ def probe_run(data: Path, model: Path, seed: int, run_dir: Path) -> dict:
 
 
 def _set_config(run_dir: Path, select: str, images_per_class: Optional[int]):
-    from aspire.augment import run_config
+    from aspire.workflows.repair import run_config
 
     cfg = run_config(run_dir)
     cfg.augment.select = select
@@ -91,7 +87,7 @@ def _set_config(run_dir: Path, select: str, images_per_class: Optional[int]):
 def aspire_set(run_dir: Path, out_root: Path, seed: int, images_per_class: Optional[int]) -> tuple[Optional[dict], list]:
     """(the aspire set: spurious, else the first fallback rule with flipped edits, or None; the rules that gave
     nothing, with why)."""
-    from aspire.augment import augment_run, select_edits
+    from aspire.workflows.repair import augment_run, select_edits
     from aspire.store import RunStore
 
     def config(select: str):
@@ -119,7 +115,7 @@ def aspire_set(run_dir: Path, out_root: Path, seed: int, images_per_class: Optio
 def augmented_sets(run_dir: Path, out_root: Path, seed: int, images_per_class: Optional[int]) -> dict:
     """The aspire set and the generic set of the same size per class. A set that cannot be made is None, with
     the reason recorded."""
-    from aspire.augment import augment_run
+    from aspire.workflows.repair import augment_run
 
     aspire, fallback = aspire_set(run_dir, out_root, seed, images_per_class)
     # generic: the aspire set's images per class; without an aspire set, the generator's count for every class
@@ -152,8 +148,7 @@ def train_cell(method: str, aug: str, bench: str, data: Path, erm_path: Path, au
     else:
         augmentation = None if augdir is None else \
             Augmentation(augdir, load_augmented(augdir, class_names=ds.class_names), None)
-        optim = OptimSettings(epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4, seed=seed, crop_flip=True,
-                              progress=False)
+        optim = OptimSettings(epochs=epochs, seed=seed, crop_flip=True, progress=False, **recipe())
         init = load_checkpoint(erm_path) if method == "dfr" else None
         clf = train_with_method(method, ds, lambda: build_classifier("smallcnn", ds.class_names, seed=seed), optim,
                                 MethodSettings(**method_settings), augmentation=augmentation, init=init)

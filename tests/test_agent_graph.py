@@ -25,7 +25,7 @@ from aspire.agent.llm import LLMPlanner
 from aspire.agent.planner import OfflinePlanner, group_key
 from aspire.config import load_config
 from aspire.data.formats import load_dataset
-from aspire.pipeline import ALL_CANDIDATES
+from aspire.workflows.probe import ALL_CANDIDATES
 from aspire.schemas import Edit, Probe
 from aspire.store import RunStore
 from known_classifier import RedMeansWidget

@@ -172,7 +172,7 @@ def test_crash_after_every_checkpoint_resumes_to_the_same_result(toy, tmp_path, 
 
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    import aspire.agent as agent
+    import aspire.agent.runner as agent
 
     crash_after: list[str] = []        # the checkpoint source ("input" | "loop") to die after, if any
     steps: list[int] = []              # each step's checkpoint, as written

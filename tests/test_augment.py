@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aspire import cli
-from aspire.augment import augment_run, finding_key, run_config
+from aspire.workflows.repair import augment_run, finding_key, run_config
 from aspire.data.augmented import load_augmented, mix_in, verify_manifest
 from aspire.errors import AspireError, DataError
 from aspire.tools.probe import rank_key
@@ -158,7 +158,7 @@ def test_an_existing_output_is_never_overwritten(reference, run, monkeypatch, ca
 
 
 def test_a_commit_killed_midway_leaves_nothing_and_reruns_to_the_same_set(reference, run, tmp_path, monkeypatch):
-    import aspire.augment as augment
+    import aspire.workflows.repair as augment
 
     ref, _ = reference
     out = tmp_path / "aug"
@@ -182,7 +182,7 @@ def test_a_commit_killed_midway_leaves_nothing_and_reruns_to_the_same_set(refere
                                             (errno.EACCES, "permission denied")])
 def test_disk_full_or_permission_denied_leaves_nothing_and_one_line(run, tmp_path, monkeypatch, capsys, error,
                                                                       message):
-    import aspire.augment as augment
+    import aspire.workflows.repair as augment
 
     calls = []
     real = augment._write_file
@@ -277,7 +277,7 @@ def test_a_class_without_flipped_edits_is_skipped_and_the_others_go_on(run, tmp_
 
 
 def test_select_modes_and_the_edit_limit(run):
-    from aspire.augment import select_edits
+    from aspire.workflows.repair import select_edits
 
     store = RunStore(run / "run")
     findings = store.all("finding", Finding)
@@ -315,7 +315,7 @@ def test_filter_drops_near_duplicates_and_reports_them(run, tmp_path, monkeypatc
     def drop_all(rows, *args):
         return [], {"near_duplicate": 0, "far_from_class": len(rows)}, {}
 
-    monkeypatch.setattr("aspire.augment.filter_generated", drop_all)
+    monkeypatch.setattr("aspire.workflows.repair.filter_generated", drop_all)
     with pytest.raises(DataError, match="dropped every generated image.*outlier_std"):
         augment_run(run / "run", tmp_path / "none", config(run, filter=True), seed=0, on_message=lambda m: None)
     assert no_leftovers(tmp_path / "none")
@@ -337,7 +337,7 @@ class MeanColour:
 
 
 def test_far_filter_drops_exactly_the_images_beyond_the_limit(tmp_path):
-    from aspire.augment import filter_generated
+    from aspire.workflows.repair import filter_generated
     from aspire.config import AspireConfig
 
     def save(name: str, level: int) -> Path:
@@ -406,7 +406,7 @@ def test_read_only_parent_folder_is_one_line_permission_denied(run, tmp_path, mo
 
 # ---------------------------------------------------------------- generic augmentation (the baseline)
 def test_generic_set_has_the_aspire_count_from_holdout_images_on_unfiltered_backgrounds(reference, run, tmp_path):
-    from aspire.augment import _mentions
+    from aspire.workflows.repair import _mentions
     from aspire.data.annotations import read_annotations
     from aspire.data.formats import load_dataset
 
@@ -452,7 +452,7 @@ def test_generic_set_has_the_aspire_count_from_holdout_images_on_unfiltered_back
 
 
 def test_counts_cap_and_skip_classes(run, tmp_path):
-    from aspire.augment import select_edits
+    from aspire.workflows.repair import select_edits
     from aspire.errors import ConfigError
 
     result = augment_run(run / "run", tmp_path / "aug", config(run), seed=0, counts={"landbird": 5},

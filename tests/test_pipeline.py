@@ -15,7 +15,7 @@ from PIL import Image
 
 from aspire.config import load_config
 from aspire.data import load_dataset
-from aspire.pipeline import ProbePipeline
+from aspire.workflows.probe import ProbePipeline
 from aspire.schemas import Edit, Probe
 from aspire.store import RunStore
 from known_classifier import RedMeansWidget

@@ -13,7 +13,7 @@ from PIL import Image
 
 from aspire.config import ProbeSettings, load_config
 from aspire.data import load_dataset
-from aspire.pipeline import ProbePipeline
+from aspire.workflows.probe import ProbePipeline
 from aspire.schemas import Probe
 from aspire.store import RunStore
 from aspire.tools.ground import region_kind

@@ -48,14 +48,14 @@ def make_runs(base: Path) -> dict[str, Path]:
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
-    from aspire.augment import augment_run, run_config
+    from aspire.workflows.repair import augment_run, run_config
     from aspire.config import load_config
     from aspire.data.formats import load_dataset
     from aspire.data.toy.benchmark import write_benchmark
     from aspire.models.classifier import build_classifier, load_checkpoint, save_checkpoint
     from aspire.models.evaluate import evaluate
     from aspire.models.train import train_classifier
-    from aspire.pipeline import ProbePipeline
+    from aspire.workflows.probe import ProbePipeline
     from aspire.provenance import run_record
 
     # 1. data and the audited classifier

@@ -10,7 +10,7 @@ import pytest
 from aspire.config import load_config
 from aspire.data import load_dataset
 from aspire.errors import DataError
-from aspire.pipeline import ProbePipeline
+from aspire.workflows.probe import ProbePipeline
 from aspire.store import RunStore
 from aspire.tools.probe import remaining
 from known_classifier import GradedWidget, RedMeansWidget

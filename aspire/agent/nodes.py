@@ -11,7 +11,6 @@ LangGraph runs an interrupted node again from its start on resume.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from aspire.agent.planner import Plan, PlanRequest, finding_for, group_key, phra
 from aspire.agent.state import AuditContext, AuditState, Hypothesis
 from aspire.schemas import Finding, PhraseSet
 from aspire.tools.probe import rank_key
+from aspire.workflows.retrain import retrain_plan as workflow_retrain_plan
 
 DECISIONS = ("approve", "edit", "reject")
 
@@ -98,21 +98,8 @@ def edits_to_use(findings: list[dict], selected: list[str], cap_per_class: int) 
 
 
 def retrain_plan(ctx: AuditContext) -> dict[str, Any]:
-    """How retraining will run: method, epochs, batch size, lr (settings, else as the audited model was trained)."""
-    s = ctx.config.agent
-    info = dict(getattr(ctx.pipeline.classifier, "train_info", {}) or {})
-    return {"method": s.retrain_method, "arch": getattr(ctx.pipeline.classifier, "arch", None),
-            "epochs": s.retrain_epochs or info.get("epochs") or 10,
-            "batch_size": s.retrain_batch_size or info.get("batch_size") or 64,
-            "lr": s.retrain_lr or info.get("lr") or 0.05, "weight_decay": info.get("weight_decay", 5e-4),
-            "crop_flip": bool(info.get("augment", True)), "pretrained": _pretrained_source(info.get("pretrained")),
-            "train_images": len(ctx.dataset.split("train", allow_empty=True))}
-
-
-def _pretrained_source(recorded: Optional[str]) -> Optional[str]:
-    if not recorded:
-        return None
-    return "imagenet" if str(recorded).startswith("torchvision:") else str(recorded)
+    """The retraining the audit will run (workflows.retrain)."""
+    return workflow_retrain_plan(ctx.config, ctx.pipeline.classifier, ctx.dataset)
 
 
 def parse_decision(answer: Any) -> dict:
@@ -395,7 +382,7 @@ def augmented_dir(store) -> Path:
 
 
 def generate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
-    """The augmented set: images without the approved spurious features (aspire.augment)."""
+    """The augmented set: images without the approved spurious features (aspire.workflows.repair)."""
     from aspire.progress import step_progress
 
     ctx = runtime.context
@@ -408,7 +395,7 @@ def generate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
             reason = "the approved features have no edits to generate from"
             _stage(store, "generate", n_images=0, reason=reason)
             return {"augmented": {"dir": "", "n_images": 0, "per_class": {}, "reason": reason}}
-        from aspire.augment import augment_run
+        from aspire.workflows.repair import augment_run
 
         augment_run(store.run_dir, augmented_dir(store), ctx.config, ctx.seed, groups=sorted(features),
                     progress=step_progress if ctx.progress else None)
@@ -427,25 +414,17 @@ def retrain(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     if models.get("after") and Path(models["after"]).is_file():
         return {"models": models}
     from aspire.data.augmented import load_augmented
-    from aspire.models.classifier import build_classifier, save_checkpoint
-    from aspire.models.methods import Augmentation, OptimSettings, train_with_method
+    from aspire.models.classifier import save_checkpoint
+    from aspire.models.methods import Augmentation
+    from aspire.workflows.retrain import retrain as train
 
     # 1. how to train: the audited model's recipe unless the settings say otherwise
     plan = retrain_plan(ctx)
-    before = ctx.pipeline.classifier
     augdir = state["augmented"]["dir"]
     augmentation = Augmentation(augdir, samples=list(load_augmented(augdir)), ratio=ctx.config.agent.augment_ratio)
-    optim = OptimSettings(epochs=plan["epochs"], batch_size=plan["batch_size"], lr=plan["lr"],
-                          weight_decay=plan["weight_decay"], seed=ctx.seed, crop_flip=plan["crop_flip"],
-                          device=ctx.config.agent.device, progress=ctx.progress)
-
-    def build():
-        return build_classifier(before.arch, before.class_names, input_size=before.input_size,
-                                pretrained=plan["pretrained"], seed=ctx.seed)
-
     # 2. train and save atomically
-    init = copy.deepcopy(before) if plan["method"] == "dfr" else None
-    clf = train_with_method(plan["method"], ctx.dataset, build, optim, augmentation=augmentation, init=init)
+    clf = train(ctx.pipeline.classifier, ctx.dataset, plan, augmentation, seed=ctx.seed,
+                device=ctx.config.agent.device, progress=ctx.progress)
     after = save_checkpoint(clf, store.folder("models") / "after.pt")
     models = {"before": ctx.model_path, "after": str(after)}
     store.set_meta("models", models)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from aspire.agent.planner import Planner
     from aspire.config import AspireConfig
     from aspire.data.formats import Dataset
-    from aspire.pipeline import ProbePipeline
+    from aspire.workflows.probe import ProbePipeline
 
 
 def merge_dicts(old: Optional[dict], new: Optional[dict]) -> dict:

@@ -5,14 +5,12 @@ picklable arguments that return plain dicts. An audit's ordinary failure is retu
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 from aspire.config import AspireConfig
@@ -35,10 +33,12 @@ class Inputs:
     config: AspireConfig
     threads: Optional[int] = None          # torch threads in a pool or Ray worker (None: torch's default)
 
-    def run_args(self, classes: list[str]) -> dict:
+    def run_args(self, classes: list[str]):
         """A class run's meta "args": exactly what `aspire audit --classes ...` records."""
-        return {"data": self.data, "format": self.format, "model": self.model, "classes": classes,
-                "seed": self.seed, "attr": self.attr, "target": self.target}
+        from aspire.workflows.runs import RunArgs
+
+        return RunArgs(data=self.data, format=self.format, model=self.model, classes=classes, seed=self.seed,
+                       attr=self.attr, target=self.target)
 
 
 @dataclass
@@ -118,20 +118,14 @@ def run_unit(job: UnitJob) -> dict:
         from aspire.agent import audit_context, make_planner, run_audit, thread_id
         from aspire.agent.llm import llm_record
         from aspire.provenance import run_record
-        from aspire.store import RunStore
+        from aspire.workflows.runs import open_run
 
         # 1. inputs, and the class's run folder (new, or resumed from its store and checkpoints)
         _threads(job.inputs.threads)
         cfg = job.inputs.config
         dataset, clf = load_inputs(job.inputs)
-        store = RunStore(job.run_dir)
-        args = job.inputs.run_args(job.classes)
-        recorded = store.get_meta("args")
-        if recorded is None:
-            store.set_meta("kind", "audit")
-            store.set_meta("args", args)
-        elif recorded != args:
-            raise AspireError(f"{job.run_dir}: holds a run of other inputs; remove it or use another batch folder")
+        store = open_run(job.run_dir, "audit", job.inputs.run_args(job.classes),
+                         hint="remove it or use another batch folder")
         if store.get_meta("record") is None:
             planner = "offline" if cfg.agent.offline else llm_record(cfg.agent)
             store.set_meta("record", run_record(cfg, seed=job.inputs.seed, planner=planner,
@@ -167,11 +161,11 @@ def repair(inputs: Inputs, augmented_dirs: list[str], out_dir: str) -> dict:
     """Train one classifier on the training split plus every class's augmented set (the audited model's
     recipe unless agent.retrain_* say otherwise), save it to out_dir/after.pt and evaluate it. Skips a
     checkpoint already there."""
-    from aspire.agent.nodes import retrain_plan
     from aspire.data.augmented import load_augmented
-    from aspire.models.classifier import build_classifier, load_checkpoint, save_checkpoint
+    from aspire.models.classifier import load_checkpoint, save_checkpoint
     from aspire.models.evaluate import evaluate
-    from aspire.models.methods import Augmentation, OptimSettings, train_with_method
+    from aspire.models.methods import Augmentation
+    from aspire.workflows.retrain import retrain, retrain_plan
 
     _threads(inputs.threads)
     cfg = inputs.config
@@ -181,23 +175,14 @@ def repair(inputs: Inputs, augmented_dirs: list[str], out_dir: str) -> dict:
     samples = []
     for d in augmented_dirs:
         samples += load_augmented(d, class_names=before.class_names)
-    # 2. how to train: what the agent's retrain node does (retrain_plan reads config, classifier, dataset)
-    plan = retrain_plan(SimpleNamespace(config=cfg, pipeline=SimpleNamespace(classifier=before), dataset=dataset))
+    # 2. how to train: what the audit's retrain node does
+    plan = retrain_plan(cfg, before, dataset)
     after_path = Path(out_dir) / "after.pt"
     seconds = None
     if not after_path.is_file():
-        optim = OptimSettings(epochs=plan["epochs"], batch_size=plan["batch_size"], lr=plan["lr"],
-                              weight_decay=plan["weight_decay"], seed=inputs.seed, crop_flip=plan["crop_flip"],
-                              device=device, progress=False)
-
-        def build():
-            return build_classifier(before.arch, before.class_names, input_size=before.input_size,
-                                    pretrained=plan["pretrained"], seed=inputs.seed)
-
         augmentation = Augmentation(str(Path(inputs.batch_dir) / "runs"), samples=samples,
                                     ratio=cfg.agent.augment_ratio)
-        init = copy.deepcopy(before) if plan["method"] == "dfr" else None
-        clf = train_with_method(plan["method"], dataset, build, optim, augmentation=augmentation, init=init)
+        clf = retrain(before, dataset, plan, augmentation, seed=inputs.seed, device=device)
         seconds = clf.train_info.get("total_seconds")
         save_checkpoint(clf, after_path)
     # 3. evaluate on the split the audits used
@@ -217,7 +202,7 @@ def reprobe_unit(inputs: Inputs, run_dir: str, model: str) -> dict:
     store = None
     try:
         from aspire.models.classifier import load_checkpoint
-        from aspire.pipeline import ProbePipeline
+        from aspire.workflows.probe import ProbePipeline
         from aspire.report import build_report
         from aspire.store import RunStore
 

@@ -67,6 +67,7 @@ from aspire.store import RunStore
 from aspire.tools import lexicon
 from aspire.tools.generate import Background, ClassJob, GeneratedImage, Generator, SourceEdit, class_slug, derive_seed
 from aspire.tools.probe import rank_key
+from aspire.workflows.runs import existing_run, load_inputs, recorded_args
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
 RUN_CONCERNS = ("holdout", "caption", "phrases", "ground", "edit", "probe")  # taken from the run's record
@@ -105,17 +106,9 @@ class AugmentResult:
 
 
 # ---------------------------------------------------------------- settings
-def open_run(run_dir: str | Path) -> RunStore:
-    """The run store of a finished probe or audit run (never creates one)."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / RunStore.DB_NAME).is_file():
-        raise DataError(f"{run_dir}: not a run folder (no {RunStore.DB_NAME}); run aspire probe or aspire audit first")
-    return RunStore(run_dir)
-
-
 def run_config(run_dir: str | Path, config_file: Optional[str | Path] = None) -> AspireConfig:
     """`config_file` (and environment) settings, with the run's recorded settings for what the run did."""
-    store = open_run(run_dir)
+    store = existing_run(run_dir)
     try:
         base = load_config(config_file)
         recorded = (store.get_meta("record") or {}).get("config") or {}
@@ -326,7 +319,7 @@ class _Sources:
     def _inpainted(self, keys: Sequence[str]) -> list[Background]:
         """Backgrounds from the images `keys` in turn (their own label object inpainted away), up to
         max_backgrounds; images whose object is not found are passed over."""
-        from aspire.pipeline import object_phrases
+        from aspire.workflows.probe import object_phrases
 
         editor, out = self.pipeline.tool("editor"), self.store.folder(f"{CACHE}/backgrounds")
         names = self.pipeline.class_names
@@ -348,7 +341,7 @@ class _Sources:
 
     def _own_backgrounds(self, sel: ClassSelection, sources: Sequence[SourceEdit],
                          dilated: Sequence[Optional[np.ndarray]]) -> list[Background]:
-        from aspire.pipeline import object_phrases
+        from aspire.workflows.probe import object_phrases
 
         editor, out = self.pipeline.tool("editor"), self.store.folder(f"{CACHE}/backgrounds")
         found = []
@@ -468,30 +461,24 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
     (the agent passes the approved features). `counts`: {class name: at most this many images}; classes it
     does not name (or names with 0) are skipped. Messages (skipped classes, notes) go to `on_message`
     (default: stderr); `progress(label, total)` is a context manager giving `advance(n)`."""
-    from aspire.data.formats import load_dataset
-    from aspire.models.classifier import load_checkpoint
-    from aspire.pipeline import ProbePipeline
     from aspire.progress import step_progress
+    from aspire.workflows.probe import ProbePipeline
 
     say = on_message or (lambda m: print(m, file=sys.stderr))
     progress = progress or (lambda label, total: step_progress(label, total, enabled=False))
     # 1. check inputs: the run, its arguments and findings, the output folder
     config = config or run_config(run_dir)
-    store = open_run(run_dir)
+    store = existing_run(run_dir)
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir == store.run_dir or store.run_dir in out_dir.parents:
         raise ConfigError(f"{out_dir}: --out must be outside the run folder {store.run_dir}")
-    args = store.get_meta("args")
-    if not isinstance(args, dict) or not args.get("data") or not args.get("model"):
-        raise DataError(f"{store.run_dir}: the run records no dataset and model (meta 'args'); was it finished?")
+    args = recorded_args(store)
     if store.count("finding") == 0:
         raise DataError(f"{store.run_dir}: the run has no findings yet; finish aspire probe or aspire audit first")
 
     # 2. the run's dataset, classifier and tools; the selection
-    dataset = load_dataset(args["data"], args.get("format") or "waterbirds", attr=args.get("attr"),
-                           target=args.get("target"))
-    clf = load_checkpoint(args["model"], device=config.generate.device)
-    pipeline = ProbePipeline(dataset, clf, config, store, classes=args.get("classes"), seed=int(args.get("seed") or 0))
+    dataset, clf = load_inputs(args, device=config.generate.device)
+    pipeline = ProbePipeline(dataset, clf, config, store, classes=args.classes, seed=args.seed)
     generic = groups is None and config.augment.select == "generic"
     if generic:
         selections, skipped = select_originals(store, pipeline.samples, clf.class_names, pipeline.class_ids,
@@ -508,7 +495,7 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
                 skipped[sel.class_name] = "no images requested for the class (counts)"
         selections = [sel for sel in selections if counts.get(sel.class_name)]
     record_key = "augmented-generic" if generic else "augmented"
-    digest = _inputs_digest(store, args, selections, config, seed, counts)
+    digest = _inputs_digest(store, args.model_dump(), selections, config, seed, counts)
     generator = Generator(config.generate)
     described = generator.describe()
 
@@ -578,7 +565,7 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
         for name in sorted({r["embedding_file"] for r in rows if "embedding_file" in r}):
             _write_file(tmp / "tokens" / name, (work / name).read_bytes())
         manifest = {"format": FORMAT, "version": VERSION, "inputs_sha256": digest, "seed": seed,
-                    "run_dir": str(store.run_dir), "run_kind": store.get_meta("kind"), "dataset": args,
+                    "run_dir": str(store.run_dir), "run_kind": store.get_meta("kind"), "dataset": args.model_dump(),
                     "classes": list(clf.class_names), "generator": described,
                     "selection": {s.class_name: {"groups": s.groups, "edits": [e.edit_id for e in s.edits],
                                                  "avoid": [f.phrase for f in s.avoid],

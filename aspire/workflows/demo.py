@@ -22,7 +22,6 @@ BENCHMARK = "toy-waterbirds"
 # The demo repairs the spurious findings (augment.select's default): with the graded, paired evidence the
 # background a model relies on is confirmed even where changing it flips few images.
 REPAIR_SELECT = "spurious"
-SMALLCNN = {"batch_size": 64, "lr": 0.05, "weight_decay": 5e-4}
 
 
 def run_demo(out_dir: str | Path, *, seed: int = 0, size_px: int = 64, sizes: Optional[dict[str, int]] = None,
@@ -30,13 +29,13 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, size_px: int = 64, sizes: Op
              log=None) -> dict[str, Any]:
     """Run the demo into `out_dir`; returns run_dir, findings, accuracy before/after, report paths, seconds."""
     from aspire.agent import audit_context, auto_approve, run_audit, thread_id
-    from aspire.config import load_config
+    from aspire.config import TrainSettings, load_config
     from aspire.data.formats import load_dataset
     from aspire.data.toy.benchmark import write_benchmark
     from aspire.models.classifier import build_classifier, load_checkpoint, save_checkpoint
     from aspire.models.train import train_classifier
     from aspire.provenance import run_record
-    from aspire.store import RunStore
+    from aspire.workflows.runs import RunArgs, open_run
 
     # 1. check inputs
     if epochs < 1 or (retrain_epochs is not None and retrain_epochs < 1):
@@ -63,7 +62,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, size_px: int = 64, sizes: Op
         say(f"training an ERM smallcnn for {epochs} epochs")
         clf = build_classifier("smallcnn", dataset.class_names, input_size=size_px, seed=seed)
         train_classifier(clf, dataset.split("train"), dataset.split("val", allow_empty=True), epochs=epochs,
-                         seed=seed, augment=True, progress=progress, method="erm", **SMALLCNN)
+                         seed=seed, augment=True, progress=progress, method="erm",
+                         **TrainSettings.for_arch("smallcnn").model_dump(exclude={"epochs"}))
         save_checkpoint(clf, model)
     timings["train"] = time.perf_counter() - t0
     clf = load_checkpoint(model)
@@ -73,18 +73,12 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, size_px: int = 64, sizes: Op
     agent = {"offline": True, **({"retrain_epochs": retrain_epochs} if retrain_epochs else {})}
     config = load_config(None, {"caption": {"annotations": annotations}, "ground": {"annotations": annotations},
                                 "agent": agent, "augment": {"select": REPAIR_SELECT}})
-    store = RunStore(out / "run")
-    args = {"data": str(data), "format": "waterbirds", "model": str(model), "classes": None, "seed": seed,
-            "attr": None, "target": None}
-    if store.get_meta("args") is None:
-        store.set_meta("kind", "audit")
-        store.set_meta("args", args)
+    store = open_run(out / "run", "audit", RunArgs(data=str(data), model=str(model), seed=seed), hint="use another --out")
+    if store.get_meta("record") is None:
         store.set_meta("record", run_record(config, seed=seed, classifier={"arch": clf.arch, "classes": clf.class_names},
                                             planner="offline", demo={"benchmark": BENCHMARK, "size_px": size_px,
                                                                      "sizes": sizes, "epochs": epochs,
                                                                      "augment_select": REPAIR_SELECT}))
-    elif store.get_meta("args") != args:
-        raise ConfigError(f"{out / 'run'}: holds a run of other inputs; use another --out")
     thread_id(store)
     say("auditing with the offline planner (every stage approved)")
     t0 = time.perf_counter()

@@ -1,0 +1,86 @@
+"""Run folders, in one place: open a new or resumed run, refuse one of another kind or other inputs, and load
+what a run recorded (its arguments, settings, dataset and classifier).
+
+    open_run(run_dir, kind, args, hint=...) -> RunStore     new or resumed; another kind or other inputs: refused
+    existing_run(run_dir) -> RunStore                       a run folder that must exist (never creates one)
+    recorded_args(store) -> RunArgs                          meta "args", typed
+    recorded_config(store) -> AspireConfig                   meta "record"'s settings
+    load_inputs(args, device=None) -> (Dataset, classifier)  what the run probed
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ValidationError
+
+from aspire.config import AspireConfig
+from aspire.errors import AspireError, DataError
+from aspire.store import RunStore
+
+
+class RunArgs(BaseModel):
+    """A run's inputs (meta "args"): a run folder holds the run of exactly these."""
+
+    data: str
+    format: str = "waterbirds"
+    model: str
+    classes: Optional[list[str]] = None
+    seed: int = 0
+    attr: Optional[str] = None
+    target: Optional[str] = None
+
+
+def open_run(run_dir: str | Path, kind: str, args: RunArgs, *,
+             hint: str = "use another --run-dir to start a new run") -> RunStore:
+    """The run store in run_dir: created with `kind` and `args`, or resumed when it holds a run of the same kind
+    and inputs; anything else is refused with a line naming what differs and `hint`."""
+    store = RunStore(run_dir)
+    recorded, recorded_kind = store.get_meta("args"), store.get_meta("kind")
+    if recorded is None:
+        store.set_meta("kind", kind)
+        store.set_meta("args", args.model_dump())
+        return store
+    given = args.model_dump()
+    changed = sorted(k for k in set(recorded) | set(given) if recorded.get(k) != given.get(k))
+    if changed or recorded_kind != kind:
+        store.close()
+        what = f"other inputs ({', '.join(changed)})" if changed else f"a {recorded_kind} run, not {kind}"
+        raise AspireError(f"{run_dir}: holds {what}; {hint}")
+    return store
+
+
+def existing_run(run_dir: str | Path) -> RunStore:
+    """The store of a run folder written by aspire probe, audit or batch; never creates one."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / RunStore.DB_NAME).is_file():
+        raise DataError(f"{run_dir}: not a run folder (no {RunStore.DB_NAME}); run aspire probe or aspire audit first")
+    return RunStore(run_dir)
+
+
+def recorded_args(store: RunStore) -> RunArgs:
+    try:
+        return RunArgs.model_validate(store.get_meta("args"))
+    except ValidationError:
+        raise DataError(f"{store.run_dir}: the run records no dataset and model (meta 'args')") from None
+
+
+def recorded_config(store: RunStore) -> AspireConfig:
+    """The settings a run was started with (its reproducibility record); API keys come from the environment."""
+    record = store.get_meta("record") or {}
+    if not isinstance(record.get("config"), dict):
+        raise AspireError(f"{store.run_dir}: the run records no settings (meta 'record'); it cannot be resumed")
+    try:
+        return AspireConfig.model_validate(record["config"])
+    except ValueError as e:
+        raise AspireError(f"{store.run_dir}: the recorded settings are not valid for this aspire ({e})") from None
+
+
+def load_inputs(args: RunArgs, device: Optional[str] = None):
+    """(dataset, classifier) of a run's arguments."""
+    from aspire.data.formats import load_dataset
+    from aspire.models.classifier import load_checkpoint
+
+    dataset = load_dataset(args.data, args.format, attr=args.attr, target=args.target)
+    return dataset, load_checkpoint(args.model, device=device)
