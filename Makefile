@@ -19,6 +19,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/aspire demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check aspire tests evals benchmarks
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

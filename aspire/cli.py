@@ -51,7 +51,7 @@ def main() -> None:
         app()  # standalone: typer/click handle usage errors (exit 2) and Ctrl-C
     except SystemExit:
         raise
-    except BaseException as e:  # noqa: BLE001 - the CLI boundary
+    except BaseException as e:  # the CLI boundary: known errors as one line, others re-raised
         message = _one_line(e)
         if os.environ.get("ASPIRE_DEBUG") == "1" or message is None:
             raise

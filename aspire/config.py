@@ -189,7 +189,7 @@ class GenerateSettings(Settings):
 
 
 class AugmentSettings(Settings):
-    """Step 5's selection, filter and commit (aspire/augment.py)."""
+    """Step 5's selection, filter and commit (aspire/workflows/repair.py)."""
 
     select: Literal["spurious", "significant", "flipping", "generic"] = Field(
         "spurious", description="groups whose flipped edits are used: spurious findings; p_value < probe.alpha; "

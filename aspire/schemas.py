@@ -179,7 +179,8 @@ class AfterRepair(Record):
     reduction_p_value: Optional[float] = Field(default=None, description="one-sided Wilcoxon test that the paired drop "
                                                "fell (only for findings confirmed before)")
     reduction_q_value: Optional[float] = None
-    verdict: Optional[Verdict] = Field(default=None, description="removed: confirmed before, not after, its effect now "
+    verdict: Optional[Verdict] = Field(default=None, description="removed: confirmed before, not after, and the effect "
+                                       "of the test that confirmed it (removal; joint removal for a joint finding) now "
                                        "under probe.min_effect; reduced: its effect fell significantly, not removed; "
                                        "unchanged: confirmed before and neither; new: confirmed only after (a shortcut "
                                        "the repair amplified); null: confirmed neither before nor after")

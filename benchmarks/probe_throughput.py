@@ -61,8 +61,12 @@ def main() -> None:
     probe()  # warm-up
     raw_s, probe_s = [], []
     for _ in range(args.repeats):  # interleaved, so drift hits both alike
-        t = time.perf_counter(); raw(); raw_s.append(time.perf_counter() - t)
-        t = time.perf_counter(); probe(); probe_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        raw()
+        raw_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        probe()
+        probe_s.append(time.perf_counter() - t)
     n = len(edits)
     raw_rate, probe_rate = n / statistics.median(raw_s), n / statistics.median(probe_s)
     print(f"edits: {n}, batch size {args.batch_size}, arch {clf.arch} at {clf.input_size} px, "

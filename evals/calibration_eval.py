@@ -92,7 +92,7 @@ def run_seed(bench: str, seed: int, epochs: int, args) -> dict:
     # 1. the probe run of the ERM model, its aspire set, the repaired model
     log(f"{bench} seed {seed}: probing the ERM model")
     pipeline = probe_pipeline(data, erm_path, seed, root / "probe")
-    before = pipeline.run().findings
+    pipeline.run()
     aspire, _ = aspire_set(root / "probe", root / f"aug-n{args.images_per_class or 'default'}", seed,
                            args.images_per_class)
     if aspire is None:

@@ -89,7 +89,7 @@ class LoopbackLLM:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            def do_POST(self) -> None:  # the name is http.server's API
                 owner._handle(self)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

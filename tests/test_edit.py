@@ -148,7 +148,7 @@ def test_control_mask_translates_the_same_shape_off_the_mask():
     assert c1 is not None and c1.sum() == mask.sum()
     ys, xs = np.nonzero(c1)
     assert (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) == (16, 16)  # the same shape
-    from aspire.tools.edit import _dilate
+    from aspire.data.images import dilate as _dilate
 
     assert not (c1 & _dilate(mask, 4)).any()  # off the mask, also after dilation
     assert np.array_equal(c1, editor.control_mask(mask, seed=7))  # deterministic

@@ -16,7 +16,8 @@ from aspire.config import GroundSettings
 from aspire.data.images import load_mask, save_mask
 from aspire.errors import ConfigError, DataError, ModelLoadError
 from aspire.devices import pixel_dtype
-from aspire.tools.ground import Grounder, as_tool, detector_prompt, dilate, mask_box_xyxy_px, mask_filename
+from aspire.data.images import dilate
+from aspire.tools.ground import Grounder, as_tool, detector_prompt, mask_box_xyxy_px, mask_filename
 from tiny_ground import build_tiny_gdino, build_tiny_sam
 from target_device import DEVICE
 

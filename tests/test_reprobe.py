@@ -76,6 +76,15 @@ def test_a_weaker_reliance_is_reduced(world, tmp_path):
     assert block.verdict == "reduced" and block.spurious and block.effect == pytest.approx(0.15, abs=1e-6)
 
 
+def test_a_redundant_shortcut_is_judged_by_its_joint_test(world, tmp_path):
+    pipeline = _pipeline(world, tmp_path / "run", GradedWidget("either"))
+    assert _widget(pipeline.run().findings)["red block"].joint
+    block = _widget(pipeline.reprobe(GradedWidget(red=0.0, blue=0.0), _model_file(tmp_path, "none")))["red block"]
+    # its single-removal effect was 0 before and after: the joint pairs carry the change
+    assert block.after.verdict == "removed" and block.after.joint_effect == pytest.approx(0.0, abs=1e-6)
+    assert block.after.reduction == pytest.approx(0.35, abs=1e-6)
+
+
 def test_reprobe_resumes_per_model_and_refuses_other_classes(world, tmp_path):
     pipeline = _pipeline(world, tmp_path / "run", GradedWidget())
     pipeline.run()

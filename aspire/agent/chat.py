@@ -95,17 +95,9 @@ class RunTools:
         return self._ctx
 
     def _class_index(self, name: str) -> int:
-        names = self.class_names
-        name = str(name).strip().strip("'\"")
-        if name in names:
-            return names.index(name)
-        if name.isdigit() and int(name) < len(names):
-            return int(name)
-        singular = {lexicon.lemma(n.lower()): i for i, n in enumerate(names)}
-        hit = singular.get(lexicon.lemma(name.lower()))
-        if hit is None:
-            raise AspireError(f"unknown class {name!r}: the classes are {', '.join(names)}")
-        return hit
+        from aspire.workflows.runs import class_index
+
+        return class_index(name, self.class_names, loose=True)
 
     def findings_list(self) -> list[Finding]:
         from aspire.agent import sorted_findings
@@ -384,7 +376,7 @@ class ChatSession:
                     self.console.print("[bold green]aspire>[/bold green] ", end="")
                     self.console.print(_text(message.content), markup=False, highlight=False, soft_wrap=True)
                 return message
-            except Exception:  # noqa: BLE001 - retried while nothing was shown, then raised to turn()
+            except Exception:  # retried while nothing was shown, then raised to turn()
                 if printed or attempt == attempts - 1:
                     raise
         raise RuntimeError("unreachable")

@@ -30,6 +30,6 @@ On a Ray cluster (batch.address) every node needs aspire installed and the data,
 a shared filesystem at the same paths: tasks write their class run folders there.
 """
 
-from aspire.batch.driver import BatchResult, plan_units, resolve_classes, run_batch
+from aspire.batch.driver import BatchResult, plan_units, run_batch
 
-__all__ = ["BatchResult", "plan_units", "resolve_classes", "run_batch"]
+__all__ = ["BatchResult", "plan_units", "run_batch"]

@@ -15,10 +15,10 @@ from rich.console import Console
 
 from aspire.batch.progress import BatchProgress
 from aspire.batch.state import BatchStore, UnitState, all_units, batch_lock, get_unit, log_attempt, put_unit
-from aspire.batch.tasks import (Inputs, UnitJob, evaluate_before, one_line, repair as repair_task, reprobe_unit,
-                                run_unit)
+from aspire.batch.tasks import Inputs, UnitJob, evaluate_before, repair as repair_task, reprobe_unit, run_unit
 from aspire.config import AspireConfig
-from aspire.errors import AspireError, ConfigError
+from aspire.errors import AspireError, ConfigError, error_line
+from aspire.workflows.runs import resolve_classes
 
 RUNS = "runs"
 REPAIR = "repair"
@@ -42,7 +42,7 @@ def plan_units(class_names: Sequence[str], group_size: int = 1) -> list[tuple[st
         raise ConfigError(f"--group-size must be at least 1, got {group_size}")
     slugs = [class_slug(n) for n in class_names]
     seen: dict[str, int] = {}
-    for i, s in enumerate(slugs):   # two names with one slug ("a b", "a-b") get the class's position too
+    for s in slugs:   # two names with one slug ("a b", "a-b") get the class's position too
         seen[s] = seen.get(s, 0) + 1
     slugs = [f"{s}-{i}" if seen[s] > 1 else s for i, s in enumerate(slugs)]
     units = []
@@ -54,21 +54,6 @@ def plan_units(class_names: Sequence[str], group_size: int = 1) -> list[tuple[st
             unit = f"{parts[0]}+{len(parts) - 1}-more-{digest}"
         units.append((unit, names))
     return units
-
-
-def resolve_classes(classes: Optional[Sequence[str]], class_names: Sequence[str]) -> list[str]:
-    """Class names from names or indices ("all" or None: every class of the classifier)."""
-    if not classes or list(classes) == ["all"]:
-        return list(class_names)
-    out: list[str] = []
-    for c in classes:
-        c = str(c).strip()
-        name = c if c in class_names else (class_names[int(c)] if c.isdigit() and int(c) < len(class_names) else None)
-        if name is None:
-            raise ConfigError(f"unknown class {c!r} in --classes: the classifier's classes are {', '.join(class_names)}")
-        if name not in out:
-            out.append(name)
-    return out
 
 
 def _inputs_config(config: AspireConfig) -> dict:
@@ -93,7 +78,7 @@ def run_batch(batch_dir: str | Path, *, data: str | Path, model: str | Path, for
     data, model = Path(data).expanduser().resolve(), Path(model).expanduser().resolve()
     load_dataset(data, format, attr=attr, target=target)   # a bad dataset fails here, not in every task
     clf = load_checkpoint(model, device="cpu")   # class names and the record only
-    names = resolve_classes(classes, clf.class_names)
+    names = [clf.class_names[i] for i in resolve_classes(classes, clf.class_names)]
     units = plan_units(names, group_size)
     args = {"data": str(data), "format": format, "model": str(model), "attr": attr, "target": target,
             "classes": names, "group_size": group_size, "seed": seed, "repair": repair}
@@ -136,6 +121,7 @@ def run_batch(batch_dir: str | Path, *, data: str | Path, model: str | Path, for
 def _run(store: BatchStore, batch_dir: Path, states: list[UnitState], args: dict, config: AspireConfig,
          repair: bool, progress: bool, console: Optional[Console]) -> BatchResult:
     from aspire.batch.executors import make_executor
+    from aspire.batch.merge import merge_batch
     from aspire.report.batch import build_batch_report
 
     console = console or Console(stderr=True)
@@ -156,7 +142,7 @@ def _run(store: BatchStore, batch_dir: Path, states: list[UnitState], args: dict
                 before = executor.submit(evaluate_before, inputs).result()["result"]
                 store.set_meta("evaluation_before", before)
             except Exception as e:  # noqa: BLE001 - each class run then evaluates on its own
-                console.print(f"warning: the classifier's evaluation failed ({one_line(e)}); each class run "
+                console.print(f"warning: the classifier's evaluation failed ({error_line(e)}); each class run "
                               "evaluates it itself", highlight=False, soft_wrap=True)
         # 4. the audits, at most executor.slots at a time; failures retried, then reported
         todo = deque(s.unit for s in states if s.status != "done")
@@ -196,7 +182,7 @@ def _run(store: BatchStore, batch_dir: Path, states: list[UnitState], args: dict
     finally:
         executor.close()
     # 6. merge and report
-    paths = build_batch_report(batch_dir)
+    paths = build_batch_report(merge_batch(batch_dir))
     summary = json.loads(Path(paths["json"]).read_text(encoding="utf-8"))
     failed = [c for s in failed_units for c in s.classes]
     return BatchResult(batch_dir, summary, paths, failed)
@@ -209,7 +195,7 @@ def _record(store: BatchStore, unit: str, future: Future, tries: int, allowed: i
     try:
         outcome = future.result()
     except Exception as e:  # noqa: BLE001 - a crashed worker (pool or Ray): one failed attempt
-        outcome = {"ok": False, "error": f"worker failed: {one_line(_cause(e))}"}
+        outcome = {"ok": False, "error": f"worker failed: {error_line(_cause(e))}"}
     update: dict[str, Any] = {"seconds": round(time.time() - (state.started or time.time()), 3),
                               "host": outcome.get("host"), "pid": outcome.get("pid")}
     if outcome.get("ok"):
@@ -276,7 +262,7 @@ def _repair(store: BatchStore, batch_dir: Path, inputs: Inputs, executor, failed
     try:
         result = executor.submit(repair_task, inputs, dirs, str(out)).result()
     except Exception as e:  # noqa: BLE001 - recorded and reported; the audits' results stand
-        reason = one_line(_cause(e))
+        reason = error_line(_cause(e))
         store.set_meta("repair", {"status": "failed", "reason": reason})
         store.log_event("repair", {"status": "failed", "error": reason})
         say(f"repair failed: {reason}")
@@ -302,7 +288,7 @@ def _reprobe(store: BatchStore, inputs: Inputs, executor, console: Console, prog
         try:
             results[unit] = future.result()
         except Exception as e:  # noqa: BLE001 - a crashed worker: that class's re-probe failed
-            results[unit] = {"ok": False, "error": f"worker failed: {one_line(_cause(e))}"}
+            results[unit] = {"ok": False, "error": f"worker failed: {error_line(_cause(e))}"}
     failed = {u: r["error"] for u, r in results.items() if not r.get("ok")}
     for unit, error in failed.items():
         say(f"re-probe of {unit} failed: {error}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aspire.config import AspireConfig
-from aspire.errors import AspireError
+from aspire.errors import AspireError, error_line
 
 _CACHE: dict[tuple, Any] = {}   # a worker process loads the dataset and the classifier once
 
@@ -49,12 +49,6 @@ class UnitJob:
     run_dir: str
     repair: bool = False
     evaluation_before: Optional[dict] = field(default=None, repr=False)
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e) if isinstance(e, AspireError) else f"{type(e).__name__}: {e}"
-    text = " ".join(text.strip().splitlines()[0].split()) if text.strip() else type(e).__name__
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _where() -> dict:
@@ -150,7 +144,7 @@ def run_unit(job: UnitJob) -> dict:
                 "rounds": state.get("round", 0), "counts": state.get("counts", {})}
     except Exception as e:  # noqa: BLE001 - a failed audit is reported, never kills the batch
         return {"ok": False, "unit": job.unit, "seconds": time.time() - started, **_where(),
-                "error": one_line(e), "traceback": traceback.format_exc()}
+                "error": error_line(e), "traceback": traceback.format_exc()}
     finally:
         if store is not None:
             store.close()
@@ -218,7 +212,7 @@ def reprobe_unit(inputs: Inputs, run_dir: str, model: str) -> dict:
         build_report(run_dir)
         return {"ok": True, "verdicts": verdicts, **_where()}
     except Exception as e:  # noqa: BLE001 - reported per class; the batch's other results stand
-        return {"ok": False, "error": one_line(e), "traceback": traceback.format_exc(), **_where()}
+        return {"ok": False, "error": error_line(e), "traceback": traceback.format_exc(), **_where()}
     finally:
         if store is not None:
             store.close()

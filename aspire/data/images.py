@@ -47,6 +47,26 @@ def save_mask(mask: np.ndarray, path: str | Path) -> Path:
     return write_with(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
+def dilate(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """Grow a bool mask (H, W) by `radius_px` with an elliptical (disc) kernel of size 2r+1 (a copy)."""
+    return _morph(mask, radius_px, grow=True)
+
+
+def erode(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """Shrink a bool mask (H, W) by `radius_px` with the same kernel as `dilate` (a copy)."""
+    return _morph(mask, radius_px, grow=False)
+
+
+def _morph(mask: np.ndarray, radius_px: int, grow: bool) -> np.ndarray:
+    import cv2
+
+    mask = np.array(mask, dtype=bool)
+    if radius_px <= 0:
+        return mask
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius_px + 1, 2 * radius_px + 1))
+    return (cv2.dilate if grow else cv2.erode)(mask.astype(np.uint8), kernel) > 0
+
+
 class ImageDataset:
     """A torch-style dataset over samples: returns (image tensor, y, attr or -1, index)."""
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from aspire.atomic import write_with
 from aspire.devices import map_batches, pick_device
-from aspire.errors import CheckpointError, ConfigError, ModelLoadError
+from aspire.errors import CheckpointError, ConfigError, ModelLoadError, one_line
 
 ARCHS = ("smallcnn", "resnet18", "resnet34", "resnet50")
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -175,10 +175,6 @@ def build_classifier(arch: str, class_names: Sequence[str], *, input_size: Optio
     return clf
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def _imagenet_state_dict(arch: str, pretrained: str) -> tuple[str, dict[str, torch.Tensor]]:
     """(where the weights came from, the state dict) for "imagenet" or a local file."""
     if pretrained == "imagenet":
@@ -189,7 +185,7 @@ def _imagenet_state_dict(arch: str, pretrained: str) -> tuple[str, dict[str, tor
             return f"torchvision:{arch}.IMAGENET1K_V1", weights.get_state_dict(progress=False, check_hash=True)
         except Exception as e:  # noqa: BLE001 - URLError, HTTPError, hash mismatch, unreadable cache
             raise ModelLoadError(
-                f"cannot get ImageNet weights for {arch} ({type(e).__name__}: {_one_line(e)}); download "
+                f"cannot get ImageNet weights for {arch} ({type(e).__name__}: {one_line(e)}); download "
                 f"{weights.url} where you can and pass the local file: --pretrained /path/to/{Path(weights.url).name}"
             ) from None
     path = Path(pretrained).expanduser()
@@ -284,7 +280,7 @@ def load_checkpoint(path: str | Path, device: Optional[str] = None) -> Classifie
                     ("std", lambda v: isinstance(v, list) and len(v) == 3 and all(s > 0 for s in v)),
                     ("state_dict", lambda v: isinstance(v, dict))):
         if not ok(payload.get(key)):
-            raise CheckpointError(f"{path}: field {key!r} is missing or invalid ({_one_line(payload.get(key))[:80]!r})")
+            raise CheckpointError(f"{path}: field {key!r} is missing or invalid ({one_line(payload.get(key))[:80]!r})")
     # 3. rebuild the network and load the weights
     clf = Classifier(arch, payload["class_names"], input_size=payload["input_size"],
                      mean=payload["mean"], std=payload["std"])

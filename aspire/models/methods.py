@@ -54,7 +54,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -73,13 +73,6 @@ METHODS = ("erm", "groupdro", "jtt", "dfr", "subg")
 GROUP_METHODS = ("groupdro", "jtt", "dfr", "subg")  # need (class, attribute) groups
 DFR_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 DFR_CLASS_WEIGHTS = (1.0, 2.0, 3.0, 10.0, 100.0)
-METHOD_HELP = {
-    "erm": "cross-entropy on train (+ augmented); selection by validation average accuracy",
-    "groupdro": "online GroupDRO (eta 0.01, group-balanced batches); synthetic images: a group per class",
-    "jtt": "JTT: ERM for T epochs, then retrain with its training errors upsampled lambda times",
-    "dfr": "DFR: retrain the last layer (L1 logistic, C x class-weight grid) on group-balanced validation",
-    "subg": "SUBG: subsample every group to the smallest group's size, then ERM",
-}
 
 
 # ---------------------------------------------------------------- settings
@@ -545,7 +538,3 @@ def _dfr(dataset, val, build, optim, settings, augmentation, init) -> Classifier
                               "seconds": round(time.time() - started, 3)}}
     return clf
 
-
-def settings_record(optim: OptimSettings, settings: MethodSettings) -> dict[str, Any]:
-    """Both settings objects as a plain dict (for a run record)."""
-    return {"optim": asdict(optim), "method": asdict(settings)}

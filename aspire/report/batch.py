@@ -1,9 +1,10 @@
 """The batch report: one overview across classes, ranked by their strongest spurious finding, a section per
 class linking to its own run report, and the batch's retraining (--repair) when it ran.
 
-    build_batch_report(batch_dir, out_dir=None) -> {"html": .., "md": .., "json": ..}
+    build_batch_report(summary, out_dir=None) -> {"html": .., "md": .., "json": ..}
 
-Writes BATCH_DIR/batch.json (aspire.batch.merge.merge_batch plus the report paths) and, by default into
+From the batch's merged summary (aspire.batch.merge.merge_batch), writes BATCH_DIR/batch.json (the summary
+plus the report paths) and, by default into
 BATCH_DIR/report/, batch.html (self-contained: no images, links to the class reports) and batch.md.
 """
 
@@ -82,11 +83,9 @@ def _effect(f: dict) -> str:
     return text
 
 
-def build_batch_report(batch_dir: str | Path, out_dir: Optional[str | Path] = None) -> dict[str, Path]:
-    """Merge the batch in `batch_dir` and write batch.json, batch.html and batch.md; returns their paths."""
-    from aspire.batch.merge import merge_batch
-
-    summary = merge_batch(batch_dir)
+def build_batch_report(summary: dict, out_dir: Optional[str | Path] = None) -> dict[str, Path]:
+    """Write batch.json, batch.html and batch.md of a merged batch summary; returns their paths."""
+    summary = dict(summary)
     root = Path(summary["batch_dir"])
     out = Path(out_dir).expanduser().resolve() if out_dir else root / "report"
     paths = {"html": out / "batch.html", "md": out / "batch.md", "json": root / JSON_NAME}

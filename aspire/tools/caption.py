@@ -169,7 +169,7 @@ class Captioner:
             try:
                 model = auto_cls.from_pretrained(model_id, dtype=dtype)
                 break
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - each class is tried, the first error is reported
                 errors.append(e)
         if model is None:
             raise ModelLoadError(f"{model_id}: cannot load the captioning model ({describe(errors[0])})") \

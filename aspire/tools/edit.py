@@ -56,7 +56,7 @@ from PIL import Image
 
 from aspire.atomic import write_json, write_with
 from aspire.config import EditSettings
-from aspire.data.images import save_mask
+from aspire.data.images import dilate, save_mask
 from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError, describe
 from aspire.schemas import ControlKind, Edit, PhraseKind
 
@@ -429,7 +429,7 @@ class Editor:
             fill = np.asarray(Image.fromarray(d_img).resize((W, H), Image.BICUBIC))
             if d_mask is not None and d_mask.any():
                 hole = np.asarray(_mask_pil(d_mask).resize((W, H), Image.BILINEAR)) > 0
-                hole = _dilate(hole, radius)
+                hole = dilate(hole, radius)
                 if hole.all():
                     raise DataError(f"donor foreground covers the whole donor once resized (for {job.image_key!r})")
                 fill = _telea(fill, hole, radius)
@@ -560,7 +560,7 @@ def find_control(mask: np.ndarray, seed: int, gap_px: int = 4) -> tuple[Optional
     if area == 0:
         return None, "the phrase's mask is empty"
     rng = np.random.default_rng(seed)
-    forbidden = _dilate(mask, gap_px).astype(np.float32)  # (H, W)
+    forbidden = dilate(mask, gap_px).astype(np.float32)  # (H, W)
     # 1. translation: overlap of the mask's bounding-box crop with `forbidden` at every offset
     ys, xs = np.nonzero(mask)
     crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32)  # (h, w)
@@ -640,15 +640,6 @@ def _region_fill(donor: np.ndarray, region: np.ndarray, target: np.ndarray, radi
 
 def _mask_pil(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
-
-
-def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
-    import cv2
-
-    if px <= 0:
-        return mask.copy()
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
 
 
 def _telea(image: np.ndarray, mask: np.ndarray, radius: int) -> np.ndarray:

@@ -37,6 +37,7 @@ from PIL import Image
 
 from aspire.config import GenerateSettings
 from aspire.errors import ConfigError, DataError, ModelLoadError, describe
+from aspire.tools import lexicon
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def derive_seed(*parts: object) -> int:
 
 
 def class_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "class"
+    return lexicon.slug(name, empty="class")
 
 
 def token_for(class_name: str, seed: int) -> str:

@@ -20,7 +20,6 @@ DataError naming it.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
@@ -30,8 +29,10 @@ from PIL import Image
 
 from aspire.config import GroundSettings
 from aspire.data.annotations import norm_key
+from aspire.data.images import dilate
 from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError, describe
 from aspire.schemas import Annotation, Region
+from aspire.tools import lexicon
 
 if TYPE_CHECKING:
     import torch
@@ -41,17 +42,6 @@ SAM_BOXES_PER_CALL = 64  # boxes decoded per SAM mask-decoder call (halved on OO
 
 
 # ---------------------------------------------------------------- helpers
-def dilate(mask: np.ndarray, radius_px: int) -> np.ndarray:
-    """Grow a bool mask (H, W) by `radius_px` with an elliptical (disc) kernel of size 2r+1."""
-    import cv2
-
-    mask = np.asarray(mask, dtype=bool)
-    if radius_px <= 0:
-        return mask
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius_px + 1, 2 * radius_px + 1))
-    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
-
-
 def mask_box_xyxy_px(mask: np.ndarray) -> list[float]:
     """The bounding box of a non-empty bool mask (H, W), as pixel edges [x0, y0, x1, y1]."""
     ys, xs = np.nonzero(mask)
@@ -70,14 +60,10 @@ def region_kind(mask: np.ndarray, object_mask: Optional[np.ndarray], min_share: 
     return "background" if sides >= 3 and share >= min_share else "foreground"
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "x"
-
-
 def mask_filename(image_key: str, phrase: str, fingerprint: str = "") -> str:
     """A file name safe for any key and phrase (spaces, slashes, unicode): readable slugs + a hash of all three."""
     digest = hashlib.sha256("\0".join((fingerprint, image_key, phrase)).encode("utf-8")).hexdigest()[:16]
-    return f"{_slug(Path(image_key).stem)}__{_slug(phrase)}__{digest}.png"
+    return f"{lexicon.slug(Path(image_key).stem, 40)}__{lexicon.slug(phrase, 40)}__{digest}.png"
 
 
 def detector_prompt(phrase: str) -> str:

@@ -13,6 +13,7 @@ API:
     same_phrase(a, b, threshold=0.7)  similarity(a, b) >= threshold
     scene_category(phrase) -> str|None  "water", "forest", ... for scene/background nouns, else None
     split_compound(word) -> (prefix, suffix) | None   "waterbird" -> ("water", "bird")
+    slug(text, limit=None, empty="x") -> str   for file names: "Water Bird!" -> "water-bird"
 
 Rule-based and dictionary-free (no NLTK/spaCy downloads): `lemma` knows English plural rules plus a list
 of irregular and invariant nouns; it does not lemmatise verbs or adjectives. Synonym groups are small
@@ -260,3 +261,9 @@ def similarity(a: str, b: str) -> float:
 def same_phrase(a: str, b: str, threshold: float = 0.7) -> bool:
     """Whether two phrases name the same thing (the method's near-duplicate merge)."""
     return similarity(a, b) >= threshold
+
+
+def slug(text: str, limit: Optional[int] = None, empty: str = "x") -> str:
+    """Lowercase letters and digits joined by single dashes, at most `limit` characters; `empty` when none."""
+    out = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (out[:limit].strip("-") if limit else out) or empty

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aspire.config import PhraseSettings
-from aspire.errors import ConfigError, DataError
+from aspire.errors import ConfigError, DataError, one_line
 from aspire.prompts import prompt_hash, render_prompt
 from aspire.schemas import Caption, PhraseSet
 from aspire.tools import lexicon
@@ -452,11 +452,6 @@ def parse_answer(message: Any) -> list[Any]:
     return data
 
 
-def _one_line(text: str) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
-
-
 def _validation_reason(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "item"
@@ -608,7 +603,7 @@ class PhraseExtractor:
             try:
                 raw = model.invoke([HumanMessage(content=prompt)])
                 message = raw["raw"] if isinstance(raw, dict) and "raw" in raw else raw
-            except Exception as e:  # HTTP errors, network errors, timeouts: retried, then recorded
+            except Exception as e:  # noqa: BLE001 - HTTP errors, network errors, timeouts: retried, then recorded
                 reasons = {i: f"llm request failed: {type(e).__name__}: {e}" for i in pending}
                 continue
             # 2. parse the answer into items
@@ -636,7 +631,8 @@ class PhraseExtractor:
             if not pending:
                 break
         for i in pending:
-            done[i] = _one_line(f"{reasons.get(i, 'no answer')} (after {attempts} attempt{'s' * (attempts > 1)})")
+            reason = f"{reasons.get(i, 'no answer')} (after {attempts} attempt{'s' * (attempts > 1)})"
+            done[i] = one_line(reason, MAX_REASON_CHARS)
         return done
 
 

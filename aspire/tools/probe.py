@@ -339,7 +339,7 @@ def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str], sett
     family = [(r, "p_value", "q_value") for r in rows if r["pairs"] >= least]
     family += [(r, "insertion_p_value", "insertion_q_value") for r in rows if r.get("insertion_pairs", 0) >= least]
     family += [(r, "joint_p_value", "joint_q_value") for r in rows if r.get("joint_pairs", 0) >= least]
-    for (r, p_key, q_key), q in zip(family, q_values([r[p_key] for r, p_key, _ in family])):
+    for (r, _, q_key), q in zip(family, q_values([r[p_key] for r, p_key, _ in family])):
         r[q_key] = q
     findings = []
     for r in rows:
@@ -395,7 +395,8 @@ def compare_findings(before_probes: Sequence[Probe], after_probes: Sequence[Prob
         change = changes.get(key)
         reduction_q = q.get(key, 1.0 if change is not None else None)
         if f.spurious:
-            gone = not a.spurious and a.effect < settings.min_effect and (a.joint_effect or 0.0) < settings.min_effect
+            strength = (a.joint_effect or 0.0) if f.joint else a.effect   # the test that confirmed it before
+            gone = not a.spurious and strength < settings.min_effect
             verdict = "removed" if gone else "reduced" if (reduction_q or 1.0) < settings.alpha else "unchanged"
         else:
             verdict = "new" if a.spurious else None

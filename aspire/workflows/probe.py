@@ -38,6 +38,7 @@ from aspire.tools.generate import derive_seed
 from aspire.tools.ground import region_kind
 from aspire.tools.probe import (Prediction, Prober, aggregate_findings, colour_histogram, compare_findings,
                                 joint_summary, merge_by_appearance, merge_phrase_groups, min_testable_pairs)
+from aspire.workflows.runs import resolve_classes
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
 
@@ -103,7 +104,7 @@ class ProbePipeline:
         if len(self.class_names) < dataset.num_classes:
             raise DataError(f"{dataset.source}: labels go up to {dataset.num_classes - 1} but the classifier "
                             f"has {len(self.class_names)} classes")
-        self.class_ids = self._resolve_classes(classes)
+        self.class_ids = sorted(resolve_classes(classes, self.class_names))
         self.samples = dataset.by_image()
         self._tools: dict[str, object] = {}
         self._backgrounds: dict[str, Optional[tuple[str, Optional[np.ndarray]]]] = {}
@@ -112,19 +113,6 @@ class ProbePipeline:
         self._bg_groups: Optional[dict[str, str]] = None
 
     # ------------------------------------------------------------ helpers
-    def _resolve_classes(self, classes: Optional[Sequence[str]]) -> list[int]:
-        if not classes or list(classes) == ["all"]:
-            return list(range(len(self.class_names)))
-        out = []
-        for c in classes:
-            if c in self.class_names:
-                out.append(self.class_names.index(c))
-            elif c.isdigit() and int(c) < len(self.class_names):
-                out.append(int(c))
-            else:
-                raise DataError(f"unknown class {c!r}: the classifier's classes are {', '.join(self.class_names)}")
-        return sorted(set(out))
-
     def tool(self, name: str):
         """Tools are built once, and their models load lazily on first use."""
         if name not in self._tools:
@@ -597,8 +585,8 @@ class ProbePipeline:
                 continue
             seed = edit_seed(self.seed, sample.image, "background", e.phrase)  # the donors of its own test
             group = self._background_group(e.phrase)
-            other = self._donor(sample, seed, lambda g: g != group)
-            same = self._donor(sample, seed, lambda g: g == group)
+            other = self._donor(sample, seed, lambda g, group=group: g != group)
+            same = self._donor(sample, seed, lambda g, group=group: g == group)
             if other is None:
                 continue
             fg = fg_mask if fg_mask is not None else ~mask

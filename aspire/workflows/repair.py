@@ -16,7 +16,7 @@ names the dataset, its format and the classifier):
    `counts` ({class: n}) caps the images per class and skips the classes it does not name (e.g. the per_class
    of an aspire set, for a generic set of the same size).
 2. generate (tools/generate.py). The offline backend needs each edit's label-object mask (the inverse of a
-   background edit's mask, else the region of `pipeline.object_phrases(class)`, eroded by the grounder's
+   background edit's mask, else the region of `workflows.probe.object_phrases(class)`, eroded by the grounder's
    dilation) and donor backgrounds: images of the run whose recorded phrases (store `phrases` records, then
    annotations.jsonl regions) name a background and none of the class's spurious phrase groups (same phrase,
    or for background groups the same scene category), with their own label object inpainted away by the
@@ -60,7 +60,7 @@ from pydantic import ValidationError
 from aspire.atomic import atomic_dir
 from aspire.config import AspireConfig, load_config
 from aspire.data.augmented import IMAGE_DIR, FORMAT, VERSION, read_manifest, verify_manifest, write_set_files
-from aspire.data.images import load_image, load_mask
+from aspire.data.images import erode, load_image, load_mask
 from aspire.errors import AspireError, ConfigError, DataError
 from aspire.schemas import Edit, Finding, PhraseSet, Sample
 from aspire.store import RunStore
@@ -278,13 +278,7 @@ class _Sources:
 
     def _erode(self, mask: np.ndarray) -> np.ndarray:
         """Undo the grounder's dilation, so no ring of the old background comes along with the object."""
-        import cv2
-
-        r = self.pipeline.tool("grounder").dilation_radius(mask.shape)
-        if r <= 0:
-            return mask
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-        eroded = cv2.erode(mask.astype(np.uint8), kernel) > 0
+        eroded = erode(mask, self.pipeline.tool("grounder").dilation_radius(mask.shape))
         return eroded if eroded.any() else mask
 
     # -- backgrounds

@@ -6,18 +6,21 @@ what a run recorded (its arguments, settings, dataset and classifier).
     recorded_args(store) -> RunArgs                          meta "args", typed
     recorded_config(store) -> AspireConfig                   meta "record"'s settings
     load_inputs(args, device=None) -> (Dataset, classifier)  what the run probed
+    resolve_classes(classes, class_names) -> [index]         --classes (names or indices; None or "all": every one)
+    class_index(ref, class_names, loose=False) -> int        one class by name or index (loose: also its singular)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from pydantic import BaseModel, ValidationError
 
 from aspire.config import AspireConfig
 from aspire.errors import AspireError, DataError
 from aspire.store import RunStore
+from aspire.tools import lexicon
 
 
 class RunArgs(BaseModel):
@@ -84,3 +87,26 @@ def load_inputs(args: RunArgs, device: Optional[str] = None):
 
     dataset = load_dataset(args.data, args.format, attr=args.attr, target=args.target)
     return dataset, load_checkpoint(args.model, device=device)
+
+
+def class_index(ref: object, class_names: Sequence[str], *, loose: bool = False) -> int:
+    """The index of a class given by its name or its index; `loose` (a person typing): quotes stripped, and a
+    plural or singular of the name accepted."""
+    names = list(class_names)
+    name = str(ref).strip().strip("'\"") if loose else str(ref).strip()
+    if name in names:
+        return names.index(name)
+    if name.isdigit() and int(name) < len(names):
+        return int(name)
+    if loose:
+        hit = {lexicon.lemma(n.lower()): i for i, n in enumerate(names)}.get(lexicon.lemma(name.lower()))
+        if hit is not None:
+            return hit
+    raise DataError(f"unknown class {name!r}: the classifier's classes are {', '.join(names)}")
+
+
+def resolve_classes(classes: Optional[Sequence[str]], class_names: Sequence[str]) -> list[int]:
+    """The indices of --classes, in their order without repeats; None or ["all"]: every class."""
+    if not classes or list(classes) == ["all"]:
+        return list(range(len(class_names)))
+    return list(dict.fromkeys(class_index(c, class_names) for c in classes))

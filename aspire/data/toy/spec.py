@@ -8,9 +8,7 @@ A spec is pure data. `scenes.py` samples scene descriptions from it, `render.py`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-Kind = Literal["foreground", "background"]
 SPLITS = ("train", "val", "test")
 
 
