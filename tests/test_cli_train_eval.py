@@ -108,7 +108,8 @@ def test_method_errors_and_usage_errors(trained, tmp_path, monkeypatch, capsys):
 def test_cli_arch_choices_match_the_package():
     from typing import get_args
 
+    from aspire.cli.options import ArchName, FormatName
     from aspire.data.formats import FORMATS
     from aspire.models.classifier import ARCHS
 
-    assert get_args(cli.ArchName) == ARCHS and get_args(cli.FormatName) == FORMATS
+    assert get_args(ArchName) == ARCHS and get_args(FormatName) == FORMATS

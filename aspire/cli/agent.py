@@ -1,0 +1,155 @@
+"""The agent's commands: audit, chat, demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from aspire.cli.app import app
+from aspire.cli.options import (Annotations, Attr, Classes, ConfigFile, Device, FailOn, Format, Json,
+                                LlmModel, Offline, RunDir, Seed, Target, split_classes)
+from aspire.cli.render import (accuracy_line, audit_summary, err, findings_table, gate, out, print_json,
+                               verdict_line)
+from aspire.cli.runs import default_run_dir, open_cli_run, probe_config
+from aspire.errors import AspireError
+
+
+# ---------------------------------------------------------------- audit / chat / demo (aspire.agent)
+@app.command("audit")
+def audit_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="dataset folder (not with --resume)"),
+    format: Format = "waterbirds",
+    attr: Attr = None,
+    target: Target = None,
+    model: Optional[Path] = typer.Option(None, "--model", help="checkpoint written by aspire train (not with --resume)"),
+    annotations: Annotations = None,
+    classes: Classes = None,
+    run_dir: RunDir = None,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the audit in this run folder (killed or paused)"),
+    config_file: ConfigFile = None,
+    seed: Seed = 0,
+    llm_model: LlmModel = None,
+    offline: Offline = False,
+    yes: bool = typer.Option(False, "--yes", "-y", help="approve every stage as proposed (non-interactive)"),
+    device: Device = None,
+    json_out: Json = False,
+    fail_on: FailOn = None,
+) -> None:
+    """The investigation agent: probe hypotheses until the findings are stable, then (approved) generate
+    images without the spurious features, retrain, evaluate and report. Resumable (--resume RUN_DIR)."""
+    from aspire.agent import audit_context, auto_approve, context_from_run, make_planner, run_audit, thread_id
+    from aspire.agent.chat import terminal_approver
+    from aspire.agent.llm import llm_record
+    from aspire.errors import ConfigError
+
+    overrides = {k: v for k, v in (("offline", True if offline else None), ("model", llm_model)) if v is not None}
+    # 1. a new run, or the recorded one
+    if resume is not None:
+        if data is not None or model is not None or run_dir is not None:
+            raise ConfigError("--resume RUN_DIR continues with the inputs the run recorded: "
+                              "leave out --data, --model and --run-dir")
+        ctx = context_from_run(resume, agent_overrides=overrides, device=device, progress=True)
+        err.print(f"resuming the audit in {resume}", highlight=False)
+    else:
+        if data is None or model is None:
+            raise ConfigError("aspire audit needs --data DIR and --model MODEL.pt (or --resume RUN_DIR)")
+        from aspire.data.formats import load_dataset
+        from aspire.models.classifier import load_checkpoint
+        from aspire.provenance import run_record
+        from aspire.workflows.runs import RunArgs
+
+        cfg = probe_config(config_file, annotations, data)
+        for key, value in overrides.items():
+            setattr(cfg.agent, key, value)
+        ds = load_dataset(data, format, attr=attr, target=target)
+        clf = load_checkpoint(model, device=device)
+        run_dir = run_dir or default_run_dir("audit")
+        args = RunArgs(data=str(data.resolve()), format=format, model=str(model.resolve()),
+                       classes=split_classes(classes), seed=seed, attr=attr, target=target)
+        store = open_cli_run(run_dir, "audit", args)
+        if store.get_meta("record") is None:
+            planner = "offline" if cfg.agent.offline else llm_record(cfg.agent)
+            store.set_meta("record", run_record(cfg, seed=seed, classifier={"arch": clf.arch, "classes": clf.class_names},
+                                                planner=planner))
+        thread_id(store)
+        planner_obj, _ = make_planner(cfg.agent)
+        ctx = audit_context(ds, clf, cfg, store, model_path=str(model.resolve()), classes=split_classes(classes),
+                            seed=seed, progress=True, planner=planner_obj)
+    err.print(make_planner(ctx.config.agent)[1], highlight=False, soft_wrap=True)
+    # 2. run until done, asking for approvals (or approving them with --yes)
+    approve = auto_approve if yes else (terminal_approver(err) if sys.stdin.isatty() else None)
+    result = run_audit(ctx, approve=approve)
+    if result.status == "paused":
+        stage = (result.pending or {}).get("stage", "?")
+        raise AspireError(f"{result.run_dir}: the audit waits for approval before {stage}; continue with "
+                          f"`aspire audit --resume {result.run_dir} --yes`, or in a terminal")
+    audit_summary(result, json_out)
+    gate(result.findings, fail_on)
+
+
+@app.command("chat")
+def chat_cmd(
+    run_dir: RunDir = None,
+    config_file: ConfigFile = None,
+    llm_model: LlmModel = None,
+    device: Device = None,
+) -> None:
+    """Talk with the agent about a run: which features flip a class, the edits of a phrase, probe a phrase,
+    approve and retrain. Without an LLM configured it explains how to configure one and answers the
+    offline commands (findings, stats, edits, probe, approve). Ctrl-C cancels an answer; Ctrl-D exits."""
+    from aspire.agent.chat import ChatSession, OfflineSession, RunTools
+    from aspire.agent.llm import llm_configured
+    from aspire.config import load_config
+    from aspire.errors import ConfigError
+
+    if run_dir is None:
+        runs = sorted((p.parent for p in Path("runs").glob("*/run.sqlite")), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise ConfigError("no run folder under ./runs: pass --run-dir DIR (a folder written by aspire audit or probe)")
+        run_dir = runs[-1]
+    settings = load_config(config_file).agent
+    if llm_model:
+        settings.model = llm_model
+    tools = RunTools(run_dir, device=device)
+    session = ChatSession(tools, settings, console=out) if llm_configured(settings) else OfflineSession(tools, out)
+    raise typer.Exit(session.run())
+
+
+@app.command("demo")
+def demo_cmd(
+    out_dir: Path = typer.Option(Path("demo-out"), "--out", help="folder for the toy data, the model and the run"),
+    seed: Seed = 0,
+    size_px: int = typer.Option(64, "--size", help="toy image size in px"),
+    train_per_class: Optional[int] = typer.Option(None, "--train-per-class",
+                                                  help="toy training images per class (default: the benchmark's 800)"),
+    epochs: int = typer.Option(10, "--epochs", help="ERM epochs of the audited smallcnn"),
+    retrain_epochs: Optional[int] = typer.Option(None, "--retrain-epochs", help="default: as --epochs"),
+    json_out: Json = False,
+) -> None:
+    """The whole pipeline offline on toy-waterbirds: toy data → ERM smallcnn → audit (offline planner,
+    approved) → generate → retrain → report; prints the findings and worst-group accuracy before → after."""
+    from aspire.workflows.demo import run_demo
+
+    sizes = None
+    if train_per_class is not None:
+        n = max(1, train_per_class)
+        sizes = {"train": n, "val": max(1, n // 4), "test": max(1, n // 2)}
+    summary = run_demo(out_dir, seed=seed, size_px=size_px, sizes=sizes, epochs=epochs, retrain_epochs=retrain_epochs,
+                       log=lambda msg: err.print(msg, highlight=False))
+    if json_out:
+        print_json(summary)
+        return
+    from aspire.schemas import Finding
+
+    findings = [Finding.model_validate(f) for f in summary["findings"]]
+    findings_table(findings, f"findings ({sum(f.spurious for f in findings)} spurious)")
+    out.print(accuracy_line(summary["accuracy"]), highlight=False, soft_wrap=True)
+    if summary.get("reprobe"):
+        out.print(verdict_line(summary["reprobe"]["verdicts"]), highlight=False, soft_wrap=True)
+    report = (summary.get("report") or {}).get("html")
+    out.print(f"report: {report}" if report else "report: not written (aspire.report is not available)",
+              highlight=False, soft_wrap=True)
+    out.print(f"run: {summary['run_dir']} ({summary['seconds']:.0f} s)", highlight=False)
