@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -188,16 +188,20 @@ def _write_toy(name: str, out_dir: Path, seed: int, scale: int, size_px: int, si
               highlight=False, soft_wrap=True)
 
 
-_TOY_SIZES_HELP = "images per class as TRAIN,VAL,TEST (overrides --scale; e.g. 60,20,20 for a quick test set)"
+ToyOut = Annotated[Path, typer.Option("--out", help="folder to create (refused if it exists and is not empty)")]
+ToyScale = Annotated[int, typer.Option("--scale", min=1, help="multiply the number of images (default 1600/400/800)")]
+ToySize = Annotated[int, typer.Option("--size", min=16, help="image size in px")]
+ToySizes = Annotated[Optional[str], typer.Option("--sizes", help="images per class as TRAIN,VAL,TEST (overrides "
+                                                 "--scale; e.g. 60,20,20 for a quick test set)")]
 
 
 @data_app.command("toy-waterbirds")
 def toy_waterbirds_cmd(
-    out_dir: Path = typer.Option(..., "--out", help="folder to create (refused if it exists and is not empty)"),
+    out_dir: ToyOut = ...,
     seed: Seed = 0,
-    scale: int = typer.Option(1, "--scale", min=1, help="multiply the number of images (default 1600/400/800)"),
-    size_px: int = typer.Option(64, "--size", min=16, help="image size in px"),
-    sizes: Optional[str] = typer.Option(None, "--sizes", help=_TOY_SIZES_HELP),
+    scale: ToyScale = 1,
+    size_px: ToySize = 64,
+    sizes: ToySizes = None,
     json_out: Json = False,
 ) -> None:
     """Landbirds and waterbirds (shape carries the label) on land or water: 95% on their usual place in
@@ -209,11 +213,11 @@ def toy_waterbirds_cmd(
 
 @data_app.command("toy-multiclass")
 def toy_multiclass_cmd(
-    out_dir: Path = typer.Option(..., "--out", help="folder to create (refused if it exists and is not empty)"),
+    out_dir: ToyOut = ...,
     seed: Seed = 0,
-    scale: int = typer.Option(1, "--scale", min=1, help="multiply the number of images (default 1600/400/800)"),
-    size_px: int = typer.Option(64, "--size", min=16, help="image size in px"),
-    sizes: Optional[str] = typer.Option(None, "--sizes", help=_TOY_SIZES_HELP),
+    scale: ToyScale = 1,
+    size_px: ToySize = 64,
+    sizes: ToySizes = None,
     json_out: Json = False,
 ) -> None:
     """Eight shapes; six with their own planted element at their own strength (one a background: snow),

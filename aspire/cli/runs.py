@@ -14,7 +14,7 @@ from aspire.cli.render import (err, findings_table, gate, out, print_json,
                                verdict_line)
 
 
-# ---------------------------------------------------------------- probe (steps 1-4, no agent)
+# ---------------------------------------------------------------- run folders and settings
 def probe_config(config_file: Optional[Path], annotations: Optional[Path], data: Path):
     """The run's settings: the annotations file feeds the offline caption and ground backends."""
     from aspire.config import load_config
@@ -49,7 +49,7 @@ def open_cli_run(run_dir: Path, kind: str, args: "Any") -> "Any":
     return store
 
 
-# ---------------------------------------------------------------- --fail-on: the CI gate
+# ---------------------------------------------------------------- probe (steps 1-4, no agent)
 @app.command("probe")
 def probe_cmd(
     data: Data = ...,
