@@ -138,6 +138,12 @@ def test_resume_refuses_other_inputs_and_unknown_folders(toy, tmp_path):
     assert bad.returncode == 1 and "not a run folder" in bad.stderr
     both = audit("--resume", str(tmp_path), "--data", str(toy / "data"))
     assert both.returncode == 1 and "leave out --data" in both.stderr
+    # a probe run is not turned into an audit, by --resume or by --run-dir
+    new_audit(toy, tmp_path / "probe").pipeline.store.set_meta("kind", "probe")
+    probe_run = audit("--resume", str(tmp_path / "probe"))
+    assert probe_run.returncode == 1 and "a probe run, not an audit" in probe_run.stderr
+    again = audit("--data", str(toy / "data"), "--model", str(toy / "model.pt"), "--run-dir", str(tmp_path / "probe"))
+    assert again.returncode == 1 and "holds a probe run, not audit" in again.stderr
 
 
 def new_audit(toy: Path, run_dir: Path):

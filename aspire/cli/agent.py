@@ -52,6 +52,10 @@ def audit_cmd(
             raise ConfigError("--resume RUN_DIR continues with the inputs the run recorded: "
                               "leave out --data, --model and --run-dir")
         ctx = context_from_run(resume, agent_overrides=overrides, device=device, progress=True)
+        kind = ctx.pipeline.store.get_meta("kind")
+        if kind != "audit":
+            raise ConfigError(f"{resume}: a {kind} run, not an audit; start an audit in another --run-dir "
+                              "(aspire augment and aspire reprobe work on probe runs)")
         err.print(f"resuming the audit in {resume}", highlight=False)
     else:
         if data is None or model is None:
