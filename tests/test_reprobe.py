@@ -56,6 +56,9 @@ def test_a_repair_that_removes_the_feature_is_removed_and_the_other_unchanged(wo
     # the CI gate's view: what still stands after the repair
     assert [f.phrase for f in remaining(after.values())] == ["blue mark"]
     assert remaining(after.values(), min_effect=0.2) == []
+    # an unchanged finding whose q-value crossed alpha still stands
+    faded = after["blue mark"].model_copy(update={"after": mark.model_copy(update={"spurious": False, "q_value": 0.2})})
+    assert remaining([faded]) == [faded]
 
 
 def test_a_repair_that_amplifies_another_shortcut_is_new(world, tmp_path):

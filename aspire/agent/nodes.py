@@ -498,7 +498,8 @@ def route_after_generate(state: AuditState) -> Literal["commit", "evaluate"]:
 
 
 def route_after_evaluate(state: AuditState) -> Literal["reprobe", "report"]:
-    return "reprobe" if (state.get("models") or {}).get("after") else "report"
+    after = (state.get("models") or {}).get("after")
+    return "reprobe" if after and Path(after).is_file() else "report"
 
 
 def route_after_commit(state: AuditState) -> Literal["retrain", "evaluate"]:

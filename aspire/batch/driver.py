@@ -292,6 +292,10 @@ def _reprobe(store: BatchStore, inputs: Inputs, executor, console: Console, prog
     failed = {u: r["error"] for u, r in results.items() if not r.get("ok")}
     for unit, error in failed.items():
         say(f"re-probe of {unit} failed: {error}")
+    reports = {u: r["report_error"] for u, r in results.items() if r.get("report_error")}
+    for unit, error in reports.items():
+        say(f"warning: the report of {unit} was not rendered again: {error}")
     store.set_meta("reprobe", {"status": "failed" if failed else "done", "model": after, "errors": failed,
+                               "report_errors": reports,
                                "verdicts": {u: r.get("verdicts", {}) for u, r in results.items() if r.get("ok")}})
     return not failed

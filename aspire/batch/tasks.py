@@ -196,21 +196,25 @@ def reprobe_unit(inputs: Inputs, run_dir: str, model: str) -> dict:
     store = None
     try:
         from aspire.models.classifier import load_checkpoint
-        from aspire.workflows.probe import ProbePipeline
         from aspire.report import build_report
-        from aspire.store import RunStore
+        from aspire.workflows.probe import ProbePipeline
+        from aspire.workflows.runs import existing_run, recorded_args
 
         _threads(inputs.threads)
         dataset, clf = load_inputs(inputs)
-        store = RunStore(run_dir)
-        classes = (store.get_meta("args") or {}).get("classes")
-        pipeline = ProbePipeline(dataset, clf, inputs.config, store, classes=classes, seed=inputs.seed)
+        store = existing_run(run_dir)
+        pipeline = ProbePipeline(dataset, clf, inputs.config, store, classes=recorded_args(store).classes,
+                                 seed=inputs.seed)
         pipeline.reprobe(load_checkpoint(model, device=inputs.config.agent.device), model)
         verdicts = (store.get_meta("reprobe") or {}).get("verdicts", {})
         store.close()
         store = None
-        build_report(run_dir)
-        return {"ok": True, "verdicts": verdicts, **_where()}
+        try:   # the scores are recorded: a report that cannot be rendered does not undo them
+            build_report(run_dir)
+            report_error = None
+        except Exception as e:  # noqa: BLE001 - recorded beside the verdicts
+            report_error = error_line(e)
+        return {"ok": True, "verdicts": verdicts, "report_error": report_error, **_where()}
     except Exception as e:  # noqa: BLE001 - reported per class; the batch's other results stand
         return {"ok": False, "error": error_line(e), "traceback": traceback.format_exc(), **_where()}
     finally:

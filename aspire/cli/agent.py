@@ -96,7 +96,7 @@ def audit_cmd(
 
 @app.command("chat")
 def chat_cmd(
-    run_dir: RunDir = None,
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder (default: the latest under ./runs)"),
     config_file: ConfigFile = None,
     llm_model: LlmModel = None,
     device: Device = None,

@@ -102,17 +102,20 @@ def batch_cmd(
             out.print(f"retrained once ({after['split']}): worst-group {before.get('worst_group_accuracy', float('nan')):.4f}"
                       f" → {after['worst_group_accuracy']:.4f}; average {before.get('average_accuracy', float('nan')):.4f}"
                       f" → {after['average_accuracy']:.4f}", highlight=False, soft_wrap=True)
-            for unit, error in ((s.get("reprobe") or {}).get("errors") or {}).items():
-                err.print(f"warning: re-probe of {unit} failed: {error}", highlight=False, soft_wrap=True)
         elif isinstance(s.get("repair"), dict) and s["repair"].get("reason"):
             out.print(f"repair: {s['repair']['reason']}", highlight=False, soft_wrap=True)
         out.print(f"report: {result.paths['html']}", highlight=False, soft_wrap=True)
         out.print(f"batch: {result.batch_dir}", highlight=False, soft_wrap=True)
-    if not result.failed:
+    unprobed = (s.get("reprobe") or {}).get("errors") or {}
+    if not result.failed and not unprobed:
         from aspire.schemas import Finding
 
         gate([Finding.model_validate(f) for r in s["classes"] for f in r["findings"]], fail_on)
     if result.failed:
         err.print(f"[red]error:[/red] {len(result.failed)} class(es) failed ({', '.join(result.failed)}); re-run the "
                   "same command to retry them", highlight=False, soft_wrap=True)
+    for unit, error in unprobed.items():
+        err.print(f"[red]error:[/red] the re-probe of {unit} on the retrained model failed ({error}); re-run the same "
+                  "command to retry it", highlight=False, soft_wrap=True)
+    if result.failed or unprobed:
         raise typer.Exit(1)

@@ -189,6 +189,7 @@ def _write_toy(name: str, out_dir: Path, seed: int, scale: int, size_px: int, si
 
 
 ToyOut = Annotated[Path, typer.Option("--out", help="folder to create (refused if it exists and is not empty)")]
+ToySeed = Annotated[int, typer.Option("--seed", help="same seed, byte-identical files")]
 ToyScale = Annotated[int, typer.Option("--scale", min=1, help="multiply the number of images (default 1600/400/800)")]
 ToySize = Annotated[int, typer.Option("--size", min=16, help="image size in px")]
 ToySizes = Annotated[Optional[str], typer.Option("--sizes", help="images per class as TRAIN,VAL,TEST (overrides "
@@ -198,7 +199,7 @@ ToySizes = Annotated[Optional[str], typer.Option("--sizes", help="images per cla
 @data_app.command("toy-waterbirds")
 def toy_waterbirds_cmd(
     out_dir: ToyOut = ...,
-    seed: Seed = 0,
+    seed: ToySeed = 0,
     scale: ToyScale = 1,
     size_px: ToySize = 64,
     sizes: ToySizes = None,
@@ -214,7 +215,7 @@ def toy_waterbirds_cmd(
 @data_app.command("toy-multiclass")
 def toy_multiclass_cmd(
     out_dir: ToyOut = ...,
-    seed: Seed = 0,
+    seed: ToySeed = 0,
     scale: ToyScale = 1,
     size_px: ToySize = 64,
     sizes: ToySizes = None,
@@ -228,7 +229,7 @@ def toy_multiclass_cmd(
 
 @app.command("reliance")
 def reliance_cmd(
-    data: Data = ...,
+    data: Path = typer.Option(..., "--data", help="dataset folder with counterfactuals.csv (the toy benchmarks write one)"),
     model: Model = ...,
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     device: Device = None,

@@ -38,7 +38,7 @@ def split_classes(classes: Optional[list[str]]) -> Optional[list[str]]:
 Data = Annotated[Path, typer.Option("--data", help="dataset folder")]
 Format = Annotated[FormatName, typer.Option("--format", help="dataset format")]
 Attr = Annotated[Optional[str], typer.Option("--attr", help="group attribute column (waterbirds: place; celeba: Male); "
-                                             "used to evaluate, never to audit")]
+                                             "auditing never needs it")]
 Target = Annotated[Optional[str], typer.Option("--target", help="label attribute (celeba: Blond_Hair)")]
 Model = Annotated[Path, typer.Option("--model", help="checkpoint written by aspire train")]
 Annotations = Annotated[Optional[Path], typer.Option(

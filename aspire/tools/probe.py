@@ -397,7 +397,8 @@ def compare_findings(before_probes: Sequence[Probe], after_probes: Sequence[Prob
         if f.spurious:
             strength = (a.joint_effect or 0.0) if f.joint else a.effect   # the test that confirmed it before
             gone = not a.spurious and strength < settings.min_effect
-            verdict = "removed" if gone else "reduced" if (reduction_q or 1.0) < settings.alpha else "unchanged"
+            reduced = reduction_q is not None and reduction_q < settings.alpha
+            verdict = "removed" if gone else "reduced" if reduced else "unchanged"
         else:
             verdict = "new" if a.spurious else None
         out.append(f.model_copy(update={"after": AfterRepair(
@@ -410,11 +411,13 @@ def compare_findings(before_probes: Sequence[Probe], after_probes: Sequence[Prob
 
 
 def remaining(findings: Sequence[Finding], min_effect: Optional[float] = None) -> list[Finding]:
-    """The confirmed findings that still stand: on the repaired model when it was re-probed, else as probed;
-    with `min_effect`, only those whose effect (or joint effect, for a joint finding) reaches it."""
+    """The findings that still stand: confirmed on the repaired model when it was re-probed (or judged
+    `unchanged`: its drop did not fall, though its q-value may have crossed alpha), else as probed; with
+    `min_effect`, only those whose effect or joint effect reaches it."""
     out = []
     for f in findings:
         now = f.after or f
-        if now.spurious and (min_effect is None or max(now.effect, now.joint_effect or 0.0) >= min_effect):
+        stands = now.spurious or (f.after is not None and f.after.verdict == "unchanged")
+        if stands and (min_effect is None or max(now.effect, now.joint_effect or 0.0) >= min_effect):
             out.append(f)
     return out

@@ -690,6 +690,7 @@ class ProbePipeline:
                 self.store.replace_all(kind, [])
             self.store.set_meta("reprobe", {"model": str(Path(model_path).resolve()), "digest": digest})
             self.store.log_event("reprobe", {"model": str(Path(model_path).resolve()), "digest": digest})
+            self.findings()   # the stored findings drop the other model's `after` now, not when scoring ends
         # 2. score what is not scored yet (the originals once per image, as the probe does)
         edits = [e for e in self.store.all("edit", Edit) if not self.store.has("reprobe", e.edit_id)]
         if edits:
