@@ -1,5 +1,7 @@
 """The run store: idempotent records, derived results replaced whole, events kept in order."""
 
+import pytest
+
 from aspire.schemas import Caption, Finding
 from aspire.store import RunStore
 
@@ -27,11 +29,27 @@ def test_replace_all_meta_and_events(tmp_path):
     store.replace_all("finding", [("1|sea", Finding(**{"class": "waterbird"}, phrase="sea", **f))])
     assert [x.phrase for x in store.all("finding", Finding)] == ["sea"]
     assert store.all("finding", Finding)[0].to_json()["class"] == "waterbird"
-    store.set_meta("config", {"seed": 3})
-    assert store.get_meta("config") == {"seed": 3} and store.get_meta("none", 7) == 7
+    store.set_meta("holdout", ["a.png"])
+    assert store.get_meta("holdout") == ["a.png"] and store.get_meta("none", 7) == 7
     store.log_event("hypothesis", {"phrase": "boat"})
     store.log_event("outcome", {"phrase": "boat", "spurious": True})
     store.log_event("hypothesis", {"phrase": "sea", "kind": "background"})
     assert [e["event"] for e in store.events()] == ["hypothesis", "outcome", "hypothesis"]
     assert store.events()[2]["kind"] == "background"
     assert store.events("outcome")[0]["spurious"] is True
+
+
+def test_undocumented_keys_are_refused_and_the_doc_is_generated(tmp_path):
+    from pathlib import Path
+
+    from aspire.store import GENERATED_BEGIN, GENERATED_END, run_store_docs
+
+    store = RunStore(tmp_path / "run")
+    for write in (lambda: store.set_meta("holdotu", []), lambda: store.put("captoin", "k", {}),
+                  lambda: store.log_event("stgae", {})):
+        with pytest.raises(KeyError, match="is not documented"):
+            write()
+    store.set_meta("holdout", [])    # documented ones pass
+    doc = (Path(__file__).parent.parent / "docs" / "RUN_STORE.md").read_text(encoding="utf-8")
+    generated = doc.split(GENERATED_BEGIN)[1].split(GENERATED_END)[0]
+    assert generated.strip() == run_store_docs().strip(), "docs/RUN_STORE.md is stale: run python -m aspire.store"

@@ -1,9 +1,6 @@
 """The batch's own state: BATCH_DIR/batch.sqlite (a RunStore of kind "batch"), written by the driver only.
 
-Meta keys: `kind` ("batch"), `args` (the batch's inputs: a folder refuses others), `record` (reproducibility
-record), `units` (unit ids in plan order), `unit:<id>` (one UnitState each, replaced on every change),
-`evaluation_before` (EvalResult of the audited classifier, computed once), `repair` (the batch's retraining),
-`status`. Events: `attempt` (every start and end of a unit's attempt), `repair`.
+What it holds is `BatchStore.META` / `EVENTS` (docs/RUN_STORE.md).
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ from typing import Iterator, Literal, Optional
 from pydantic import BaseModel
 
 from aspire.errors import AspireError
-from aspire.store import RunStore
+from aspire.store import Entry, RunStore
 
 Status = Literal["pending", "running", "done", "failed"]
 LOCK_NAME = ".batch.lock"
@@ -23,6 +20,24 @@ LOCK_NAME = ".batch.lock"
 
 class BatchStore(RunStore):
     DB_NAME = "batch.sqlite"
+    META = (
+        Entry("kind", "batch", "`batch`"),
+        Entry("args", "batch", "the batch's inputs `{data, format, model, attr, target, classes, group_size, seed, "
+                               "repair}`: a folder refuses others"),
+        Entry("record", "batch", "reproducibility record"),
+        Entry("units", "batch", "unit ids in plan order"),
+        Entry("unit:<id>", "batch", "one UnitState each, replaced on every change"),
+        Entry("evaluation_before", "batch", "EvalResult of the audited classifier, computed once"),
+        Entry("repair", "batch --repair", "the batch's one retraining: `{status, models, plan, after, augmented, ...}`"),
+        Entry("reprobe", "batch --repair", "`{status, model, verdicts: {unit: verdicts}, errors, report_errors}`: every "
+                                           "class run re-probed on the retrained model"),
+        Entry("status", "batch", "`running`, `done`, `failed`, `interrupted`"),
+    )
+    RECORDS = ()
+    EVENTS = (
+        Entry("attempt", "batch", "every start and end of a unit's attempt"),
+        Entry("repair", "batch --repair", "`{status, after | error}`"),
+    )
 
 
 class UnitState(BaseModel):
