@@ -134,6 +134,15 @@ class Edit(Record):
         return self.pair or f"{self.image}|{self.kind}|{self.phrase}"
 
 
+class Failure(Record):
+    """A tool's failure on one image (or one phrase of it): the item was skipped and the run went on."""
+
+    stage: Literal["caption", "edit"]
+    image: str
+    phrase: str = ""
+    reason: str
+
+
 class Probe(Record):
     edit_id: str
     image: str

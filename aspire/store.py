@@ -70,6 +70,8 @@ RUN_RECORDS = (
     Entry("edited", "probe step 4a", "marker `image|phrase filter`: all edits of an image are done"),
     Entry("inserted", "probe step 4d", "marker `class index|kind|phrase`: the group's insertion pastes are done"),
     Entry("joint", "probe step 4e", "marker `class index|kind:phrase,...`: the class's joint removals are done"),
+    Entry("failure", "probe steps 2, 4", "Failure (key `stage|image|phrase`): a tool failed on one image or phrase; "
+                                         "it was skipped, and is not retried on resume unless `--retry-skipped`"),
     Entry("probe", "probe step 4c", "Probe (key: edit id)"),
     Entry("reprobe", "probe reprobe", "Probe: the same edit scored on the model of meta `reprobe`"),
     Entry("reprobe_prediction", "probe reprobe", "tools.probe.Prediction: that model on a source image"),
@@ -172,6 +174,11 @@ class RunStore:
         with self._lock, self._conn:
             self._conn.execute("DELETE FROM records WHERE kind = ?", (kind,))
             self._conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?)", rows)
+
+    def delete(self, kind: str, keys: Iterable[str]) -> None:
+        """Remove records of a kind by key (markers whose work is to be done again)."""
+        with self._lock, self._conn:
+            self._conn.executemany("DELETE FROM records WHERE kind = ? AND key = ?", [(kind, k) for k in keys])
 
     def has(self, kind: str, key: str) -> bool:
         return self._conn.execute("SELECT 1 FROM records WHERE kind = ? AND key = ?", (kind, key)).fetchone() is not None

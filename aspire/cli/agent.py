@@ -10,9 +10,8 @@ import typer
 
 from aspire.cli.app import app
 from aspire.cli.options import (Annotations, Attr, Classes, ConfigFile, Device, FailOn, Format, Json,
-                                LlmModel, Offline, RunDir, Seed, Target, split_classes)
-from aspire.cli.render import (accuracy_line, audit_summary, err, findings_table, gate, out, print_json,
-                               verdict_line)
+                                LlmModel, Offline, RetrySkipped, RunDir, Seed, Target, split_classes)
+from aspire.cli.render import accuracy_line, audit_summary, err, findings_table, gate, out, print_json, verdict_line
 from aspire.cli.runs import default_run_dir, open_cli_run, probe_config
 from aspire.errors import AspireError
 
@@ -37,6 +36,7 @@ def audit_cmd(
     device: Device = None,
     json_out: Json = False,
     fail_on: FailOn = None,
+    retry_skipped: RetrySkipped = False,
 ) -> None:
     """The investigation agent: probe hypotheses until the findings are stable, then (approved) generate
     images without the spurious features, retrain, evaluate and report. Resumable (--resume RUN_DIR)."""
@@ -83,6 +83,8 @@ def audit_cmd(
         ctx = audit_context(ds, clf, cfg, store, model_path=str(model.resolve()), classes=split_classes(classes),
                             seed=seed, progress=True, planner=planner_obj)
     err.print(make_planner(ctx.config.agent)[1], highlight=False, soft_wrap=True)
+    if retry_skipped:
+        err.print(f"retrying {ctx.pipeline.retry_failed()} recorded failure(s)", highlight=False)
     # 2. run until done, asking for approvals (or approving them with --yes)
     approve = auto_approve if yes else (terminal_approver(err) if sys.stdin.isatty() else None)
     result = run_audit(ctx, approve=approve)

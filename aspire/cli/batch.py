@@ -8,9 +8,9 @@ from typing import Literal, Optional
 import typer
 
 from aspire.cli.app import app
-from aspire.cli.options import (Annotations, Attr, Classes, ConfigFile, Data, FailOn, Format, Json,
-                                Model, Offline, Seed, Target, split_classes)
-from aspire.cli.render import (err, gate, out, print_json)
+from aspire.cli.options import (Annotations, Attr, Classes, ConfigFile, Data, FailOn, Format, Json, Model, Offline,
+                                Seed, Target, split_classes)
+from aspire.cli.render import err, gate, out, print_json
 from aspire.cli.runs import default_run_dir, probe_config
 
 

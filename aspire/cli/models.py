@@ -8,9 +8,8 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from aspire.cli.app import app, data_app
-from aspire.cli.options import (ArchName, Attr, Data, Device, Format, Json,
-                                Model, Seed, Target)
-from aspire.cli.render import (err, eval_table, out, print_json)
+from aspire.cli.options import ArchName, Attr, Data, Device, Format, Json, Model, Seed, Target
+from aspire.cli.render import err, eval_table, out, print_json
 
 
 # ---------------------------------------------------------------- train / eval (aspire.models)

@@ -54,3 +54,6 @@ FailOn = Annotated[Optional[str], typer.Option("--fail-on", help=FAIL_ON_HELP, c
 Offline = Annotated[bool, typer.Option("--offline", help="plan with the deterministic planner, even with an LLM "
                                        "configured")]
 LlmModel = Annotated[Optional[str], typer.Option("--llm-model", help="the chat model (agent.model)")]
+RetrySkipped = Annotated[bool, typer.Option("--retry-skipped", help="try again the images and phrases a tool failed "
+                                            "on in an earlier run of this folder (recorded failures are not retried "
+                                            "otherwise)")]

@@ -9,9 +9,8 @@ import typer
 
 from aspire.cli.app import app
 from aspire.cli.options import (Annotations, Attr, Classes, ConfigFile, Data, Device, FailOn, Format, Json,
-                                Model, RunDir, Seed, Target, split_classes)
-from aspire.cli.render import (err, findings_table, gate, out, print_json,
-                               verdict_line)
+                                Model, RetrySkipped, RunDir, Seed, Target, split_classes)
+from aspire.cli.render import err, findings_table, gate, out, print_json, verdict_line
 
 
 # ---------------------------------------------------------------- run folders and settings
@@ -65,6 +64,7 @@ def probe_cmd(
     device: Device = None,
     json_out: Json = False,
     fail_on: FailOn = None,
+    retry_skipped: RetrySkipped = False,
 ) -> None:
     """Steps 1-4 of the method as a plain pipeline: hold-out, caption, phrases, edits, probe with controls."""
     from aspire.data.formats import load_dataset
@@ -86,6 +86,8 @@ def probe_cmd(
     # 2. run (resumes what the store already holds)
     pipeline = ProbePipeline(ds, clf, cfg, store, classes=split_classes(classes), seed=seed,
                              progress=step_progress)
+    if retry_skipped:
+        err.print(f"retrying {pipeline.retry_failed()} recorded failure(s)", highlight=False)
     result = pipeline.run()
     # 3. report
     if json_out:
@@ -95,7 +97,8 @@ def probe_cmd(
     c = result.counts
     err.print(f"{c.holdout} hold-out images, {c.edits} edits + {c.control_edits} controls, "
               f"{c.insertion_edits} insertion and {c.joint_edits} joint-removal edits, "
-              f"{c.not_grounded} phrases not grounded, {c.phrase_failures} phrase failures", highlight=False)
+              f"{c.not_grounded} phrases not grounded, {c.phrase_failures} phrase failures, {c.skipped} skipped "
+              "(tool failures and edits without a control: events `skipped`)", highlight=False, soft_wrap=True)
     findings_table(result.findings, f"findings ({len([f for f in result.findings if f.spurious])} spurious)")
     for name, j in result.joint.items():
         err.print(f"{name}: removing its {len(j['shares'])} candidate groups together drops P({name}) by "

@@ -28,8 +28,8 @@ from aspire.atomic import write_json
 from aspire.config import AspireConfig
 from aspire.data.formats import Dataset
 from aspire.data.images import load_image, load_mask
-from aspire.errors import DataError
-from aspire.schemas import Caption, Edit, Finding, PhraseSet, Probe, Region, Sample
+from aspire.errors import AspireError, DataError, error_line
+from aspire.schemas import Caption, Edit, Failure, Finding, PhraseSet, Probe, Region, Sample
 from aspire.progress import step_progress
 from aspire.store import RunStore
 from aspire.tools import lexicon
@@ -41,6 +41,10 @@ from aspire.tools.probe import (Prediction, Prober, aggregate_findings, colour_h
 from aspire.workflows.runs import resolve_classes
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
+# A tool's failure on one item (a bad mask, an edit that cannot be made, a model error or out-of-memory at the
+# smallest batch): recorded and skipped. Settings and model-loading errors (ConfigError, ModelLoadError) and
+# programming errors still stop the run.
+ITEM_ERRORS = (DataError, RuntimeError, ValueError, OSError)
 
 
 @dataclass
@@ -52,7 +56,8 @@ class ProbeCounts:
     not_grounded: int = 0
     edits: int = 0
     control_edits: int = 0
-    skipped: int = 0
+    skipped: int = 0   # edits not made: no control possible, or a tool failed (the failures also in `failures`)
+    failures: int = 0  # images or phrases a tool failed on (records `failure`; `--retry-skipped` tries them again)
     probes: int = 0
     insertion_edits: int = 0  # real and control pastes
     joint_edits: int = 0      # real and control joint removals
@@ -169,17 +174,31 @@ class ProbePipeline:
 
     # ------------------------------------------------------------ 2. captions
     def caption(self) -> list[Caption]:
-        self.select_holdout()
-        todo = [s for s in self.holdout() if not self.store.has("caption", s.image)]
+        """Captions of the hold-out images. A batch that fails is captioned image by image; an image that fails
+        alone is a recorded failure (not retried on resume unless `retry_failed`); all of them failing is an error."""
+        holdout = self.select_holdout()
+        todo = [s for s in holdout if not self.store.has("caption", s.image)
+                and not self.store.has("failure", f"caption|{s.image}|")]
         if todo:
             captioner = self.tool("captioner")
             with self.progress("captioning", len(todo)) as advance:
                 for start in range(0, len(todo), 64):
                     batch = todo[start:start + 64]
-                    captions = captioner.caption(batch)
+                    try:
+                        captions = captioner.caption(batch)
+                    except ITEM_ERRORS:
+                        captions = []
+                        for sample in batch:
+                            try:
+                                captions += captioner.caption([sample])
+                            except ITEM_ERRORS as e:
+                                self._failed("caption", sample, "", e)
                     self.store.put_many("caption", [(c.image, c) for c in captions])
                     advance(len(batch))
-        return [self.store.get("caption", s.image, Caption) for s in self.holdout()]
+        captions = [c for c in (self.store.get("caption", s.image, Caption) for s in holdout) if c is not None]
+        if holdout and not captions:
+            raise AspireError(f"captioning failed for every hold-out image ({self._first_failure('caption')})")
+        return captions
 
     # ------------------------------------------------------------ 3. phrases
     def extract_phrases(self) -> list[PhraseSet]:
@@ -229,7 +248,10 @@ class ProbePipeline:
                     self._edit_image(sample, sets.get(sample.image), only_phrases, sets)
                     self.store.put("edited", marker, {"image": sample.image})
                 advance(1)
-        return self.store.all("edit", Edit)
+        edits = self.store.all("edit", Edit)
+        if holdout and not edits and any(f.stage == "edit" for f in self.store.all("failure", Failure)):
+            raise AspireError(f"editing failed for every hold-out image ({self._first_failure('edit')})")
+        return edits
 
     def _wanted(self, phrase: str, y: int, only: Optional[dict[int, set[str]]]) -> bool:
         if only is None:
@@ -326,17 +348,46 @@ class ProbePipeline:
         edits: list[Edit] = []
         candidates = [p for p in dict.fromkeys([*phrases.foreground, *phrases.background[:1]])
                       if self._wanted(p, sample.y, only)]
-        fg_mask = self.object_mask(sample)
-        for phrase, kind, mask in self._regions(sample, phrases, candidates):
-            if kind == "foreground":
-                edits += self._removal(sample, image, phrase, mask, all_sets, editor, out_dir)
-            else:
-                region = None if mask is None else mask & ~self._objects(sample, phrases)
-                edits += self._background_change(sample, image, phrase, region, fg_mask, phrases, editor, out_dir)
+        try:   # grounding the image's phrases and its label object
+            fg_mask = self.object_mask(sample)
+            regions = self._regions(sample, phrases, candidates)
+        except ITEM_ERRORS as e:
+            self._failed("edit", sample, "", e)
+            return
+        for phrase, kind, mask in regions:
+            try:
+                if kind == "foreground":
+                    edits += self._removal(sample, image, phrase, mask, all_sets, editor, out_dir)
+                else:
+                    region = None if mask is None else mask & ~self._objects(sample, phrases)
+                    edits += self._background_change(sample, image, phrase, region, fg_mask, phrases, editor,
+                                                     out_dir)
+            except ITEM_ERRORS as e:
+                self._failed("edit", sample, phrase, e)
         self.store.put_many("edit", [(e.edit_id, e) for e in edits])
 
     def _skip(self, sample: Sample, phrase: str, reason: str) -> None:
         self.store.log_event("skipped", {"image": sample.image, "phrase": phrase, "reason": reason})
+
+    def _failed(self, stage: str, sample: Sample, phrase: str, error: BaseException) -> None:
+        """A tool failure on one image or phrase: recorded (record `failure`, event `skipped`), never fatal."""
+        reason = f"{stage} failed: {error_line(error)}"
+        self.store.put("failure", f"{stage}|{sample.image}|{phrase}",
+                       Failure(stage=stage, image=sample.image, phrase=phrase, reason=reason))
+        self._skip(sample, phrase, reason)
+
+    def _first_failure(self, stage: str) -> str:
+        reasons = [f.reason for f in self.store.all("failure", Failure) if f.stage == stage]
+        return f"{len(reasons)} failed; the first: {reasons[0]}" if reasons else "no reason recorded"
+
+    def retry_failed(self) -> int:
+        """Forget the recorded failures (`--retry-skipped`): their images are captioned or edited again on the
+        next step; what succeeded before is kept. Returns how many there were."""
+        failures = self.store.all("failure", Failure)
+        images = {f.image for f in failures if f.stage == "edit"}
+        self.store.replace_all("failure", [])
+        self.store.delete("edited", [k for k in self.store.keys("edited") if k.split("|")[0] in images])
+        return len(failures)
 
     # 4a. foreground removal, and a control of the same area elsewhere (or the same mask on a matched image)
     def _removal(self, sample: Sample, image, phrase: str, mask: np.ndarray, all_sets: dict[str, PhraseSet],
@@ -480,7 +531,10 @@ class ProbePipeline:
             requests = []
             for i, target in enumerate(targets[:n] if sources else []):
                 source = sources[i % len(sources)]
-                requests += self._paste_pair(f, source, target, seed + i, holdout)
+                try:
+                    requests += self._paste_pair(f, source, target, seed + i, holdout)
+                except ITEM_ERRORS as e:
+                    self._failed("edit", target, f.phrase, e)
             if not requests:  # no source or no other class yet: a later call (more classes) may test it
                 continue
             made = self.tool("editor").paste_many(requests, out_dir)
@@ -563,7 +617,10 @@ class ProbePipeline:
                 if not self._fits(max_edits, len(made) + 2 * (len(parts[key]) + 1)):
                     complete = False
                     break
-                made += self._joint_edits(self.samples[key], list(parts[key].values()), tag)
+                try:
+                    made += self._joint_edits(self.samples[key], list(parts[key].values()), tag)
+                except ITEM_ERRORS as e:
+                    self._failed("edit", self.samples[key], ALL_CANDIDATES, e)
             self.store.put_many("edit", [(e.edit_id, e) for e in made])
             if made:  # the findings read this candidate set's pairs only
                 self.store.set_meta("joint_sets", {**(self.store.get_meta("joint_sets") or {}), str(y): tag})
@@ -720,6 +777,7 @@ class ProbePipeline:
             insertion_edits=sum(1 for e in edits if e.test == "insertion"),
             joint_edits=sum(1 for e in edits if e.test == "joint"),
             skipped=len({(e["image"], e["phrase"]) for e in self.store.events("skipped")}),
+            failures=self.store.count("failure"),
             probes=self.store.count("probe"))
 
     def run(self) -> ProbeResult:

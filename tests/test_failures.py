@@ -1,0 +1,72 @@
+"""A tool's failure on one image or phrase is recorded and skipped, never fatal: a planted bad mask on a world
+whose classifier's rule is known. A resumed run does not retry it unless asked; all items failing is an error."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aspire.errors import AspireError
+from aspire.schemas import Failure
+from test_pipeline import _pipeline, make_world
+
+
+def _plant_bad_mask(world, image_index: int, phrase: str) -> str:
+    """Overwrite one annotated mask with one of the wrong size; returns its path."""
+    path = world / "masks" / f"{image_index:03d}_{phrase.replace(' ', '_')}.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+    return str(path)
+
+
+def test_a_bad_mask_skips_its_image_and_the_run_goes_on(tmp_path):
+    world = make_world(tmp_path / "w")
+    good = tmp_path / "good.png"
+    shutil.copy(world / "masks" / "001_red_cube.png", good)
+    bad = _plant_bad_mask(world, 1, "red cube")          # a widget image: its cube mask is 8x8
+    pipeline = _pipeline(world, tmp_path / "run")
+    result = pipeline.run()
+
+    # the image is skipped with the reason (the mask file, its size); every other widget's cube is still found
+    failure, = pipeline.store.all("failure", Failure)
+    assert failure.stage == "edit" and failure.image == "images/001.png" and bad in failure.reason
+    assert "differs from image size" in failure.reason and result.counts.failures == 1 <= result.counts.skipped
+    cube = next(f for f in result.findings if f.phrase == "red cube")
+    assert cube.spurious and cube.occurrences == 11
+    assert any(e["reason"] == failure.reason for e in pipeline.store.events("skipped"))
+
+    # resumed: the failure is not retried; asked to (and the mask fixed), the image is edited
+    shutil.copy(good, world / "masks" / "001_red_cube.png")
+    again = _pipeline(world, tmp_path / "run")
+    assert next(f for f in again.run().findings if f.phrase == "red cube").occurrences == 11
+    assert again.retry_failed() == 1
+    assert next(f for f in again.run().findings if f.phrase == "red cube").occurrences == 12
+    assert again.store.count("failure") == 0
+
+
+def test_every_item_failing_is_one_error(tmp_path):
+    world = make_world(tmp_path / "w", n_per_class=3)
+    for i in range(6):   # every image's own object mask is broken: no image can be grounded
+        _plant_bad_mask(world, i, "widget" if i % 2 else "gizmo")
+    with pytest.raises(AspireError, match="editing failed for every hold-out image .*6 failed; the first: edit failed"):
+        _pipeline(world, tmp_path / "run").run()
+
+
+def test_retry_skipped_through_the_console_script(tmp_path, monkeypatch, capsys):
+    import aspire.models.classifier as classifier
+    from cli_main import run_main
+    from known_classifier import RedMeansWidget
+
+    world = make_world(tmp_path / "w")
+    _plant_bad_mask(world, 1, "red cube")
+    (tmp_path / "m.pt").write_text("a hand-built classifier stands for it")
+    monkeypatch.setattr(classifier, "load_checkpoint", lambda path, device=None: RedMeansWidget())
+    monkeypatch.setenv("ASPIRE_HOLDOUT__FRACTION", "1.0")
+    args = ["probe", "--data", str(world), "--model", str(tmp_path / "m.pt"), "--run-dir", str(tmp_path / "run")]
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 0 and re.search(r"[1-9]\d* skipped", err)   # the run completes, counting the skip
+    code, _, err = run_main(monkeypatch, capsys, *args, "--retry-skipped")
+    assert code == 0 and "retrying 1 recorded failure(s)" in err
