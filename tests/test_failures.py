@@ -70,3 +70,18 @@ def test_retry_skipped_through_the_console_script(tmp_path, monkeypatch, capsys)
     assert code == 0 and re.search(r"[1-9]\d* skipped", err)   # the run completes, counting the skip
     code, _, err = run_main(monkeypatch, capsys, *args, "--retry-skipped")
     assert code == 0 and "retrying 1 recorded failure(s)" in err
+
+
+def test_retry_skipped_extracts_failed_phrase_sets_again(tmp_path):
+    world = make_world(tmp_path / "w", n_per_class=4)
+    unreachable = {"phrases": {"backend": "llm", "base_url": "http://127.0.0.1:9/v1", "api_key": "x",
+                               "max_retries": 0, "timeout_s": 2}}
+    first = _pipeline(world, tmp_path / "run", **unreachable)
+    assert first.run().counts.phrase_failures == 8 and not first.store.count("edit")
+    # the same run folder with the offline extractor: the failed sets are cached until asked to retry them
+    again = _pipeline(world, tmp_path / "run")
+    assert again.run().counts.phrase_failures == 8
+    assert again.retry_failed() == 8
+    result = again.run()
+    assert result.counts.phrase_failures == 0 and any(f.phrase == "red cube" and f.flips == f.occurrences == 4
+                                                      for f in result.findings)

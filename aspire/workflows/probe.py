@@ -381,13 +381,16 @@ class ProbePipeline:
         return f"{len(reasons)} failed; the first: {reasons[0]}" if reasons else "no reason recorded"
 
     def retry_failed(self) -> int:
-        """Forget the recorded failures (`--retry-skipped`): their images are captioned or edited again on the
-        next step; what succeeded before is kept. Returns how many there were."""
+        """Forget the recorded failures (`--retry-skipped`): their images are captioned, their phrases extracted
+        (a failed phrase set) or their edits made again on the next step; what succeeded before is kept.
+        Returns how many there were."""
         failures = self.store.all("failure", Failure)
-        images = {f.image for f in failures if f.stage == "edit"}
+        phrase_failures = [p.image for p in self.store.all("phrases", PhraseSet) if p.failed]
+        images = {f.image for f in failures if f.stage == "edit"} | set(phrase_failures)
         self.store.replace_all("failure", [])
+        self.store.delete("phrases", phrase_failures)
         self.store.delete("edited", [k for k in self.store.keys("edited") if k.split("|")[0] in images])
-        return len(failures)
+        return len(failures) + len(phrase_failures)
 
     # 4a. foreground removal, and a control of the same area elsewhere (or the same mask on a matched image)
     def _removal(self, sample: Sample, image, phrase: str, mask: np.ndarray, all_sets: dict[str, PhraseSet],
