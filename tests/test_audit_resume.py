@@ -259,3 +259,25 @@ def test_approve_generation_then_reject_retraining(toy, tmp_path):
     assert [(a["stage"], a["decision"]) for a in store.get_meta("approvals")] == [("generate", "approve"),
                                                                                  ("retrain", "reject")]
     assert result.status == "done" and Path(result.state["report"]["html"]).is_file()
+
+
+def test_resume_keeps_the_settings_and_reads_keys_only_from_the_environment_or_the_file(tmp_path):
+    from aspire.config import load_config
+    from aspire.provenance import run_record
+    from aspire.workflows.runs import record_overrides, recorded_config
+
+    toml = tmp_path / "real.toml"
+    toml.write_text('[phrases]\nbackend = "llm"\napi_key = "sk-phrases"\nmodel = "local-model"\n'
+                    '[agent]\napi_key = "sk-agent"\n')
+    store = RunStore(tmp_path / "run")
+    store.set_meta("record", run_record(load_config(toml), seed=0))
+    assert "sk-" not in json.dumps(store.get_meta("record"))          # keys are never written
+    resumed = recorded_config(store)
+    assert resumed.phrases.backend == "llm" and resumed.phrases.model == "local-model"   # the TOML-only settings
+    assert resumed.phrases.api_key is None                             # and no key without the file
+    keyed = recorded_config(store, secrets_from=toml)
+    assert keyed.phrases.api_key == "sk-phrases" and keyed.agent.api_key == "sk-agent"
+    # a flag given on resume is recorded for the next resume, still without keys
+    keyed.agent = keyed.agent.model_copy(update={"model": "other-planner"})
+    record_overrides(store, keyed)
+    assert recorded_config(store).agent.model == "other-planner" and "sk-" not in json.dumps(store.get_meta("record"))

@@ -56,15 +56,17 @@ def audit_context(dataset, classifier, config: AspireConfig, store, *, model_pat
 
 
 def context_from_run(run_dir: str | Path, *, agent_overrides: Optional[dict] = None, device: Optional[str] = None,
-                     progress: bool = False) -> AuditContext:
-    """The audit context of an existing run folder: dataset, classifier, settings and planner from its meta."""
-    from aspire.workflows.runs import existing_run, load_inputs, recorded_args, recorded_config
+                     progress: bool = False, secrets_from: Optional[str | Path] = None) -> AuditContext:
+    """The audit context of an existing run folder: dataset, classifier, settings and planner from its meta.
+    `agent_overrides` (flags given on resume) are recorded; API keys come from the environment or `secrets_from`."""
+    from aspire.workflows.runs import existing_run, load_inputs, record_overrides, recorded_args, recorded_config
 
     store = existing_run(run_dir)
     args = recorded_args(store)
-    config = recorded_config(store)
+    config = recorded_config(store, secrets_from)
     if agent_overrides:
         config.agent = config.agent.model_copy(update=agent_overrides)
+        record_overrides(store, config)
     dataset, classifier = load_inputs(args, device)
     return audit_context(dataset, classifier, config, store, model_path=args.model, classes=args.classes,
                          seed=args.seed, progress=progress)

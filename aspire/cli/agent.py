@@ -39,7 +39,10 @@ def audit_cmd(
     retry_skipped: RetrySkipped = False,
 ) -> None:
     """The investigation agent: probe hypotheses until the findings are stable, then (approved) generate
-    images without the spurious features, retrain, evaluate and report. Resumable (--resume RUN_DIR)."""
+    images without the spurious features, retrain, evaluate and report. Resumable (--resume RUN_DIR).
+
+    A resumed audit keeps the settings the run recorded (flags given on resume are recorded too); API keys,
+    which are never recorded, come from the environment or from --config FILE named again (only its keys are read)."""
     from aspire.agent import audit_context, auto_approve, context_from_run, make_planner, run_audit, thread_id
     from aspire.agent.chat import terminal_approver
     from aspire.agent.llm import llm_record
@@ -51,7 +54,8 @@ def audit_cmd(
         if data is not None or model is not None or run_dir is not None:
             raise ConfigError("--resume RUN_DIR continues with the inputs the run recorded: "
                               "leave out --data, --model and --run-dir")
-        ctx = context_from_run(resume, agent_overrides=overrides, device=device, progress=True)
+        ctx = context_from_run(resume, agent_overrides=overrides, device=device, progress=True,
+                               secrets_from=config_file)
         kind = ctx.pipeline.store.get_meta("kind")
         if kind != "audit":
             raise ConfigError(f"{resume}: a {kind} run, not an audit; start an audit in another --run-dir "

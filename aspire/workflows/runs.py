@@ -4,7 +4,7 @@ what a run recorded (its arguments, settings, dataset and classifier).
     open_run(run_dir, kind, args, hint=...) -> RunStore     new or resumed; another kind or other inputs: refused
     existing_run(run_dir) -> RunStore                       a run folder that must exist (never creates one)
     recorded_args(store) -> RunArgs                          meta "args", typed
-    recorded_config(store) -> AspireConfig                   meta "record"'s settings
+    recorded_config(store, secrets_from=None) -> AspireConfig    meta "record"'s settings (keys: env or the file)
     load_inputs(args, device=None) -> (Dataset, classifier)  what the run probed
     resolve_classes(classes, class_names) -> [index]         --classes (names or indices; None or "all": every one)
     class_index(ref, class_names, loose=False) -> int        one class by name or index (loose: also its singular)
@@ -69,15 +69,36 @@ def recorded_args(store: RunStore) -> RunArgs:
         raise DataError(f"{store.run_dir}: the run records no dataset and model (meta 'args')") from None
 
 
-def recorded_config(store: RunStore) -> AspireConfig:
-    """The settings a run was started with (its reproducibility record); API keys come from the environment."""
+SECRETS = ("caption", "phrases", "agent")   # the concerns whose `api_key` is never recorded
+
+
+def recorded_config(store: RunStore, secrets_from: Optional[str | Path] = None) -> AspireConfig:
+    """The settings a run was started with (its reproducibility record, which holds no API keys). The keys come
+    from the environment, or from the config file named again (`secrets_from`: only its keys are read)."""
+    from aspire.config import load_config
+
     record = store.get_meta("record") or {}
     if not isinstance(record.get("config"), dict):
         raise AspireError(f"{store.run_dir}: the run records no settings (meta 'record'); it cannot be resumed")
     try:
-        return AspireConfig.model_validate(record["config"])
+        config = AspireConfig.model_validate(record["config"])
     except ValueError as e:
         raise AspireError(f"{store.run_dir}: the recorded settings are not valid for this aspire ({e})") from None
+    if secrets_from is not None:
+        given = load_config(secrets_from)
+        for concern in SECRETS:
+            key = getattr(given, concern).api_key
+            if key:
+                setattr(config, concern, getattr(config, concern).model_copy(update={"api_key": key}))
+    return config
+
+
+def record_overrides(store: RunStore, config: AspireConfig) -> None:
+    """Flags given on resume (the planner's model, --offline) into the run's record, so that the next resume
+    keeps them; API keys stay out."""
+    record = store.get_meta("record") or {}
+    dumped = config.model_dump(mode="json", exclude={c: {"api_key"} for c in SECRETS})
+    store.set_meta("record", {**record, "config": dumped})
 
 
 def load_inputs(args: RunArgs, device: Optional[str] = None):
