@@ -12,9 +12,21 @@ R = TypeVar("R")
 
 
 def pick_device(preferred: Optional[str] = None) -> torch.device:
-    """cuda, then mps, then cpu; an explicit `preferred` wins."""
+    """cuda, then mps, then cpu; an explicit `preferred` wins, if this machine has it (else a ConfigError)."""
     if preferred:
-        return torch.device(preferred)
+        from aspire.errors import ConfigError
+
+        try:
+            device = torch.device(preferred)
+        except RuntimeError:
+            raise ConfigError(f"--device {preferred!r}: not a device name (cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and (not torch.cuda.is_available()
+                                      or (device.index or 0) >= torch.cuda.device_count()):
+            found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+            raise ConfigError(f"--device {preferred!r}: this machine has {found}; use --device cpu")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"--device {preferred!r}: this machine has no MPS device; use --device cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

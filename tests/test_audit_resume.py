@@ -109,9 +109,11 @@ def test_killed_audit_resumes_to_the_same_result(toy, tmp_path):
     kill_when([ASPIRE, "audit", "--resume", str(run)], run, lambda d: count(d, "probe") > 0)
 
     # 3. without --yes and a terminal the resumed audit stops at the approval, saying how to go on
-    paused = audit("--resume", str(run))
-    assert paused.returncode == 1
+    paused = audit("--resume", str(run), "--json")
+    assert paused.returncode == 4   # its own exit code, with what was found so far
     assert f"waits for approval before generate; continue with `aspire audit --resume {run}" in paused.stderr
+    so_far = json.loads(paused.stdout)
+    assert so_far["status"] == "paused" and so_far["pending"]["stage"] == "generate" and so_far["findings"]
 
     # 4. approved: it ends as the uninterrupted run did
     done = audit("--resume", str(run), "--yes", "--json")

@@ -113,3 +113,20 @@ def test_cli_arch_choices_match_the_package():
     from aspire.models.classifier import ARCHS
 
     assert get_args(ArchName) == ARCHS and get_args(FormatName) == FORMATS
+
+
+def test_version_and_devices_this_machine_lacks(trained, monkeypatch, capsys):
+    import torch
+
+    from aspire import __version__
+    from cli_main import run_main
+
+    code, out, _ = run_main(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"aspire {__version__}"
+    data, model, _ = trained
+    for device, message in (("tpu9", "not a device name"), ("cuda:7", "CUDA device")):
+        if device.startswith("cuda") and torch.cuda.device_count() > 7:
+            continue
+        code, _, err = run_main(monkeypatch, capsys, "eval", "--data", str(data), "--model", str(model),
+                                "--device", device)
+        assert code == 1 and message in err and "Traceback" not in err

@@ -7,7 +7,8 @@
     agent.py    audit, chat, demo                       batch.py  batch
 
 Exit codes: 0 success, 1 a user error (one line naming what is wrong), 2 a usage error, 3 a confirmed spurious
-finding remains (--fail-on). Tracebacks only with ASPIRE_DEBUG=1.
+finding remains (--fail-on), 4 an audit paused for approval (no --yes, no terminal), 130 interrupted.
+Tracebacks only with ASPIRE_DEBUG=1.
 """
 
 from aspire.cli import models, runs, agent, batch  # noqa: F401 - each registers its commands on `app`, in this order

@@ -9,11 +9,10 @@ from typing import Optional
 import typer
 
 from aspire.cli.app import app
-from aspire.cli.options import (Annotations, Attr, Classes, ConfigFile, Device, FailOn, Format, Json,
+from aspire.cli.options import (PAUSED_EXIT, Annotations, Attr, Classes, ConfigFile, Device, FailOn, Format, Json,
                                 LlmModel, Offline, RetrySkipped, RunDir, Seed, Target, split_classes)
 from aspire.cli.render import accuracy_line, audit_summary, err, findings_table, gate, out, print_json, verdict_line
 from aspire.cli.runs import default_run_dir, open_cli_run, probe_config
-from aspire.errors import AspireError
 
 
 # ---------------------------------------------------------------- audit / chat / demo (aspire.agent)
@@ -92,11 +91,12 @@ def audit_cmd(
     # 2. run until done, asking for approvals (or approving them with --yes)
     approve = auto_approve if yes else (terminal_approver(err) if sys.stdin.isatty() else None)
     result = run_audit(ctx, approve=approve)
+    audit_summary(result, json_out)   # paused too: what was found so far (JSON: status "paused", pending)
     if result.status == "paused":
         stage = (result.pending or {}).get("stage", "?")
-        raise AspireError(f"{result.run_dir}: the audit waits for approval before {stage}; continue with "
-                          f"`aspire audit --resume {result.run_dir} --yes`, or in a terminal")
-    audit_summary(result, json_out)
+        err.print(f"{result.run_dir}: the audit waits for approval before {stage}; continue with "
+                  f"`aspire audit --resume {result.run_dir} --yes`, or in a terminal", highlight=False, soft_wrap=True)
+        raise typer.Exit(PAUSED_EXIT)
     gate(result.findings, fail_on)
 
 

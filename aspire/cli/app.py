@@ -17,6 +17,20 @@ data_app = typer.Typer(no_args_is_help=True, help="Build the toy benchmarks.")
 app.add_typer(data_app, name="data")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from aspire import __version__
+
+        print(f"aspire {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="print aspire's version and exit")) -> None:
+    """Find, name, prove and repair the spurious features an image classifier relies on."""
+
+
 # Known exceptions → one-line messages (huggingface_hub's `hf` style).
 def _one_line(e: BaseException) -> Optional[str]:
     if isinstance(e, AspireError):
@@ -41,8 +55,12 @@ def main() -> None:
         message = _one_line(e)
         if os.environ.get("ASPIRE_DEBUG") == "1" or message is None:
             raise
+        if isinstance(e, KeyboardInterrupt):
+            err.print("interrupted: what was recorded is kept; run the same command again to resume "
+                      "(aspire audit: --resume RUN_DIR)", highlight=False, soft_wrap=True)
+            sys.exit(130)
         err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)
+        sys.exit(1)
 
 
 # Commands live below, each a thin wrapper over the package.

@@ -10,7 +10,8 @@ import typer
 ArchName = Literal["smallcnn", "resnet18", "resnet34", "resnet50"]  # = aspire.models.classifier.ARCHS
 FormatName = Literal["waterbirds", "celeba", "imagefolder"]       # = aspire.data.formats.FORMATS
 
-FAIL_EXIT = 3   # --fail-on: a confirmed spurious finding remains
+FAIL_EXIT = 3    # --fail-on: a confirmed spurious finding remains
+PAUSED_EXIT = 4  # aspire audit without --yes or a terminal: paused for approval (resume with --resume RUN --yes)
 FAIL_ON_HELP = ("exit 3 when a confirmed spurious finding remains (on the repaired model when the run retrained): "
                 "'spurious', or a minimum effect such as 0.1")
 
