@@ -33,7 +33,7 @@ from aspire.schemas import Caption, Edit, Failure, Finding, PhraseSet, Probe, Re
 from aspire.progress import step_progress
 from aspire.store import RunStore
 from aspire.tools import lexicon
-from aspire.tools.edit import PasteRequest, find_control
+from aspire.tools.edit import PasteRequest, RemoveRequest, find_control
 from aspire.tools.generate import derive_seed
 from aspire.tools.ground import region_kind
 from aspire.tools.probe import (Prediction, Prober, aggregate_findings, colour_histogram, compare_findings,
@@ -354,10 +354,17 @@ class ProbePipeline:
         except ITEM_ERRORS as e:
             self._failed("edit", sample, "", e)
             return
+        # removals in one call (diffusion batches them: edit.batch_size); a failure there is retried phrase by
+        # phrase, so that it skips only its own phrase
+        removals = [(phrase, mask) for phrase, kind, mask in regions if kind == "foreground"]
+        try:
+            made = self._removals(sample, image, removals, editor, out_dir)
+        except ITEM_ERRORS:
+            made = {}
         for phrase, kind, mask in regions:
             try:
                 if kind == "foreground":
-                    edits += self._removal(sample, image, phrase, mask, all_sets, editor, out_dir)
+                    edits += self._removal(sample, image, phrase, mask, all_sets, editor, out_dir, made.get(phrase))
                 else:
                     region = None if mask is None else mask & ~self._objects(sample, phrases)
                     edits += self._background_change(sample, image, phrase, region, fg_mask, phrases, editor,
@@ -393,11 +400,24 @@ class ProbePipeline:
         return len(failures) + len(phrase_failures)
 
     # 4a. foreground removal, and a control of the same area elsewhere (or the same mask on a matched image)
+    def _removals(self, sample: Sample, image, removals: list[tuple[str, np.ndarray]], editor,
+                  out_dir: Path) -> dict[str, tuple[Edit, Optional[Edit]]]:
+        """{phrase: (real edit, same-area control or None)} for an image's objects, made in one editor call."""
+        requests = [RemoveRequest(sample.image, image, mask, phrase, edit_seed(self.seed, sample.image, phrase),
+                                  control=control) for phrase, mask in removals for control in (False, True)]
+        made = editor.remove_many(requests, out_dir) if requests else []
+        return {phrase: (made[2 * i], made[2 * i + 1]) for i, (phrase, _) in enumerate(removals)}
+
     def _removal(self, sample: Sample, image, phrase: str, mask: np.ndarray, all_sets: dict[str, PhraseSet],
-                 editor, out_dir: Path) -> list[Edit]:
+                 editor, out_dir: Path, made: Optional[tuple[Edit, Optional[Edit]]] = None) -> list[Edit]:
+        """The phrase's removal and its control (`made`: already made by `_removals`); with no room for a
+        same-area control, the same mask on a matched image."""
         seed = edit_seed(self.seed, sample.image, phrase)
-        real = editor.remove(sample.image, image, mask, phrase, seed, out_dir)
-        control = editor.remove(sample.image, image, mask, phrase, seed, out_dir, control=True)
+        if made is None:
+            real = editor.remove(sample.image, image, mask, phrase, seed, out_dir)
+            control = editor.remove(sample.image, image, mask, phrase, seed, out_dir, control=True)
+        else:
+            real, control = made
         if control is None:
             control = self._matched_control(sample, phrase, mask, all_sets, editor, out_dir, seed, real.pair_key)
         if control is None:
