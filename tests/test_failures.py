@@ -85,3 +85,30 @@ def test_retry_skipped_extracts_failed_phrase_sets_again(tmp_path):
     result = again.run()
     assert result.counts.phrase_failures == 0 and any(f.phrase == "red cube" and f.flips == f.occurrences == 4
                                                       for f in result.findings)
+
+
+def test_bad_inputs_are_refused_before_a_run_folder_is_written(tmp_path, monkeypatch, capsys):
+    import aspire.models.classifier as classifier
+    from cli_main import run_main
+    from known_classifier import RedMeansWidget
+
+    class OneClass(RedMeansWidget):
+        class_names = ["gizmo"]
+
+    world = make_world(tmp_path / "w", n_per_class=3)
+    for name in ("one.pt", "two.pt"):
+        (tmp_path / name).write_text(name)
+    monkeypatch.setattr(classifier, "load_checkpoint",
+                        lambda path, device=None: OneClass() if str(path).endswith("one.pt") else RedMeansWidget())
+    run = tmp_path / "run"
+    probe = ["probe", "--data", str(world), "--run-dir", str(run)]
+    code, _, err = run_main(monkeypatch, capsys, *probe, "--model", str(tmp_path / "one.pt"))
+    assert code == 1 and "labels go up to 1 but the classifier has 1 classes" in err and not run.exists()
+    code, _, err = run_main(monkeypatch, capsys, *probe, "--model", str(tmp_path / "two.pt"), "--classes", "sprocket")
+    assert code == 1 and "unknown class 'sprocket'" in err and not run.exists()
+    lines = (world / "annotations.jsonl").read_text().splitlines()
+    (world / "annotations.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    code, _, err = run_main(monkeypatch, capsys, *probe, "--model", str(tmp_path / "two.pt"))
+    assert code == 1 and "annotations.jsonl:3: invalid JSON" in err and not run.exists()
+    (world / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    assert run_main(monkeypatch, capsys, *probe, "--model", str(tmp_path / "two.pt"))[0] == 0   # the retry works

@@ -66,13 +66,14 @@ def audit_cmd(
         from aspire.data.formats import load_dataset
         from aspire.models.classifier import load_checkpoint
         from aspire.provenance import run_record
-        from aspire.workflows.runs import RunArgs
+        from aspire.workflows.runs import RunArgs, check_probe_inputs
 
         cfg = probe_config(config_file, annotations, data)
         for key, value in overrides.items():
             setattr(cfg.agent, key, value)
         ds = load_dataset(data, format, attr=attr, target=target)
         clf = load_checkpoint(model, device=device)
+        check_probe_inputs(ds, clf, cfg, split_classes(classes))   # before anything is written
         run_dir = run_dir or default_run_dir("audit")
         args = RunArgs(data=str(data.resolve()), format=format, model=str(model.resolve()),
                        classes=split_classes(classes), seed=seed, attr=attr, target=target)

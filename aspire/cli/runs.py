@@ -72,12 +72,13 @@ def probe_cmd(
     from aspire.progress import step_progress
     from aspire.provenance import run_record
     from aspire.workflows.probe import ProbePipeline
-    from aspire.workflows.runs import RunArgs
+    from aspire.workflows.runs import RunArgs, check_probe_inputs
 
     # 1. inputs and settings
     cfg = probe_config(config_file, annotations, data)
     ds = load_dataset(data, format, attr=attr, target=target)
     clf = load_checkpoint(model, device=device)
+    check_probe_inputs(ds, clf, cfg, split_classes(classes))   # before anything is written
     run_dir = run_dir or default_run_dir("probe")
     args = RunArgs(data=str(data.resolve()), format=format, attr=attr, target=target, model=str(model.resolve()),
                    classes=split_classes(classes), seed=seed)

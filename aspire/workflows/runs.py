@@ -8,6 +8,7 @@ what a run recorded (its arguments, settings, dataset and classifier).
     load_inputs(args, device=None) -> (Dataset, classifier)  what the run probed
     resolve_classes(classes, class_names) -> [index]         --classes (names or indices; None or "all": every one)
     class_index(ref, class_names, loose=False) -> int        one class by name or index (loose: also its singular)
+    check_probe_inputs(dataset, classifier, config, classes)  before a run folder is written: classes, annotations
 """
 
 from __future__ import annotations
@@ -131,3 +132,18 @@ def resolve_classes(classes: Optional[Sequence[str]], class_names: Sequence[str]
     if not classes or list(classes) == ["all"]:
         return list(range(len(class_names)))
     return list(dict.fromkeys(class_index(c, class_names) for c in classes))
+
+
+def check_probe_inputs(dataset, classifier, config: AspireConfig, classes: Optional[Sequence[str]]) -> None:
+    """What a probe or audit would fail on later, checked before its run folder is created: a classifier with too
+    few classes for the labels, an unknown --classes, an annotations file with a bad line or a missing mask."""
+    from aspire.data.annotations import read_annotations
+
+    names = list(classifier.class_names)
+    if len(names) < dataset.num_classes:
+        raise DataError(f"{dataset.source}: labels go up to {dataset.num_classes - 1} but the classifier has "
+                        f"{len(names)} classes ({', '.join(names)})")
+    resolve_classes(classes, names)
+    files = {c.annotations for c in (config.caption, config.ground) if c.backend == "annotations" and c.annotations}
+    for path in sorted(files):
+        read_annotations(path)
