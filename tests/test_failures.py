@@ -112,3 +112,20 @@ def test_bad_inputs_are_refused_before_a_run_folder_is_written(tmp_path, monkeyp
     assert code == 1 and "annotations.jsonl:3: invalid JSON" in err and not run.exists()
     (world / "annotations.jsonl").write_text("\n".join(lines) + "\n")
     assert run_main(monkeypatch, capsys, *probe, "--model", str(tmp_path / "two.pt"))[0] == 0   # the retry works
+
+
+def test_a_run_dir_that_is_not_a_run_folder_is_refused(tmp_path):
+    from aspire.workflows.runs import RunArgs, open_run
+
+    args = RunArgs(data="d", model="m.pt")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("the user's own file")
+    with pytest.raises(AspireError, match="exists and is not a run folder"):
+        open_run(tmp_path / "mine", "probe", args)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.tex"]   # nothing written beside it
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AspireError, match="is a file"):
+        open_run(tmp_path / "file", "probe", args)
+    (tmp_path / "empty").mkdir()
+    open_run(tmp_path / "empty", "probe", args).close()          # an empty folder becomes the run
+    open_run(tmp_path / "empty", "probe", args).close()          # and resumes

@@ -38,8 +38,13 @@ class RunArgs(BaseModel):
 
 def open_run(run_dir: str | Path, kind: str, args: RunArgs, *,
              hint: str = "use another --run-dir to start a new run") -> RunStore:
-    """The run store in run_dir: created with `kind` and `args`, or resumed when it holds a run of the same kind
-    and inputs; anything else is refused with a line naming what differs and `hint`."""
+    """The run store in run_dir: created with `kind` and `args` (in a new or empty folder), or resumed when it
+    holds a run of the same kind and inputs; anything else is refused with a line naming what differs and `hint`."""
+    folder = Path(run_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise AspireError(f"{run_dir}: is a file, not a run folder; {hint}")
+    if folder.is_dir() and not (folder / RunStore.DB_NAME).is_file() and any(folder.iterdir()):
+        raise AspireError(f"{run_dir}: exists and is not a run folder (it holds other files); {hint}")
     store = RunStore(run_dir)
     recorded, recorded_kind = store.get_meta("args"), store.get_meta("kind")
     if recorded is None:
