@@ -1,14 +1,15 @@
 """Run folders, in one place: open a new or resumed run, refuse one of another kind or other inputs, and load
 what a run recorded (its arguments, settings, dataset and classifier).
 
-    open_run(run_dir, kind, args, hint=...) -> RunStore     new or resumed; another kind or other inputs: refused
-    existing_run(run_dir) -> RunStore                       a run folder that must exist (never creates one)
-    recorded_args(store) -> RunArgs                          meta "args", typed
-    recorded_config(store, secrets_from=None) -> AspireConfig    meta "record"'s settings (keys: env or the file)
-    load_inputs(args, device=None) -> (Dataset, classifier)  what the run probed
-    resolve_classes(classes, class_names) -> [index]         --classes (names or indices; None or "all": every one)
-    class_index(ref, class_names, loose=False) -> int        one class by name or index (loose: also its singular)
-    check_probe_inputs(dataset, classifier, config, classes)  before a run folder is written: classes, annotations
+    open_run(run_dir, kind, args, hint=...) -> RunStore         new or resumed; another kind, other inputs or a
+                                                                folder of other files: refused
+    existing_run(run_dir) -> RunStore                           a run folder that must exist (never creates one)
+    recorded_args(store) -> RunArgs                             meta "args", typed
+    recorded_config(store, secrets_from=None) -> AspireConfig   meta "record"'s settings (keys: env or the file)
+    load_inputs(args, device=None) -> (Dataset, classifier)     what the run probed
+    resolve_classes(classes, class_names) -> [index]            --classes (names or indices; None or "all": all)
+    class_index(ref, class_names, loose=False) -> int           one class by name or index (loose: its singular too)
+    check_probe_inputs(dataset, classifier, config, classes)    before a run folder is written: classes, annotations
 """
 
 from __future__ import annotations
