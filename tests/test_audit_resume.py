@@ -283,3 +283,14 @@ def test_resume_keeps_the_settings_and_reads_keys_only_from_the_environment_or_t
     keyed.agent = keyed.agent.model_copy(update={"model": "other-planner"})
     record_overrides(store, keyed)
     assert recorded_config(store).agent.model == "other-planner" and "sk-" not in json.dumps(store.get_meta("record"))
+
+
+def test_an_unreachable_planner_is_said_on_stderr(toy, tmp_path):
+    base = ["--data", str(toy / "data"), "--model", str(toy / "model.pt"), "--config", str(toy / "config.json")]
+    env = {**os.environ, "OPENAI_API_KEY": "x", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+           "ASPIRE_AGENT__MAX_RETRIES": "0", "ASPIRE_AGENT__MAX_ROUNDS": "1"}
+    paused = subprocess.run([ASPIRE, "audit", *base, "--run-dir", str(tmp_path / "run")], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=300, env=env)
+    assert paused.returncode == 4, paused.stderr[-2000:]   # no terminal: it stops at the approval
+    assert "warning: the LLM planner failed 1 time(s) (the first: llm request failed: OpenAIConnectionError" in paused.stderr
+    assert "planned by the offline planner" in paused.stderr

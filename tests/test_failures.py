@@ -77,10 +77,13 @@ def test_retry_skipped_extracts_failed_phrase_sets_again(tmp_path):
     unreachable = {"phrases": {"backend": "llm", "base_url": "http://127.0.0.1:9/v1", "api_key": "x",
                                "max_retries": 0, "timeout_s": 2}}
     first = _pipeline(world, tmp_path / "run", **unreachable)
-    assert first.run().counts.phrase_failures == 8 and not first.store.count("edit")
+    with pytest.raises(AspireError, match="phrase extraction failed for every hold-out image .8; the first: llm"):
+        first.run()   # an endpoint that never answers is an error, not a clean result with no findings
+    assert first.counts().phrase_failures == 8 and not first.store.count("edit")
     # the same run folder with the offline extractor: the failed sets are cached until asked to retry them
     again = _pipeline(world, tmp_path / "run")
-    assert again.run().counts.phrase_failures == 8
+    with pytest.raises(AspireError, match="--retry-skipped"):
+        again.run()
     assert again.retry_failed() == 8
     result = again.run()
     assert result.counts.phrase_failures == 0 and any(f.phrase == "red cube" and f.flips == f.occurrences == 4

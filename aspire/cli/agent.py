@@ -92,6 +92,10 @@ def audit_cmd(
     # 2. run until done, asking for approvals (or approving them with --yes)
     approve = auto_approve if yes else (terminal_approver(err) if sys.stdin.isatty() else None)
     result = run_audit(ctx, approve=approve)
+    failures = ctx.pipeline.store.events("llm_failure")
+    if failures:   # the planner degraded: said on stderr, not only in the JSON's llm_failures
+        err.print(f"warning: the LLM planner failed {len(failures)} time(s) (the first: {failures[0].get('reason')}); "
+                  "those rounds were planned by the offline planner", highlight=False, soft_wrap=True)
     audit_summary(result, json_out)   # paused too: what was found so far (JSON: status "paused", pending)
     if result.status == "paused":
         stage = (result.pending or {}).get("stage", "?")

@@ -215,7 +215,12 @@ class ProbePipeline:
                             self.store.log_event("phrase_failure", {"image": p.image, "reason": p.failed})
                     self.store.put_many("phrases", [(p.image, p) for p in sets])
                     advance(len(batch))
-        return [self.store.get("phrases", s.image, PhraseSet) for s in self.holdout()]
+        sets = [self.store.get("phrases", s.image, PhraseSet) for s in self.holdout()]
+        failed = [p for p in sets if p is not None and p.failed]
+        if sets and len(failed) == len(sets):   # e.g. an LLM endpoint that never answered: not a clean result
+            raise AspireError(f"phrase extraction failed for every hold-out image ({len(failed)}; the first: "
+                              f"{failed[0].failed}); fix the phrases backend, then run again with --retry-skipped")
+        return sets
 
     # ------------------------------------------------------------ 4a/4b. ground and edit
     def ground(self, image_key: str, phrases: Sequence[str]) -> list[Region]:
