@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from evals.common import (EPOCHS, args_json, erm_model, eval_parser, markdown_table, mean_std, toy_data,
-                          write_results)
+from evals.common import EPOCHS, erm_model, eval_parser, finish, markdown_table, mean_std, toy_data
 from evals.discovery_eval import match_element
 from evals.toy_table_eval import DEBUG_EPOCHS, DEBUG_IMAGES_PER_CLASS, aspire_set, probe_pipeline, train_cell
 
@@ -195,12 +194,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
           + "Findings the repair targeted (spurious before, class given generated images):\n\n"
           + markdown_table(["benchmark", "seed", "class", "phrase", "kind", "effect before", "effect after",
                             "verdict"], target_rows or [["-"] * 8]))
-    results = {"args": args_json(args),
-               "summary": summary, "runs": runs}
-    json_path, md_path = write_results(args.out, "calibration_debug" if args.debug else "calibration", results, md)
-    print(md)
-    print(f"wrote {json_path}, {md_path} and {plot}")
-    return results
+    return finish(args, "calibration_debug" if args.debug else "calibration", summary, runs, md, plot)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,15 @@ def args_json(args: argparse.Namespace) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
+def finish(args: argparse.Namespace, name: str, summary: dict, runs: list, markdown: str, *also: Path) -> dict:
+    """An eval's end: {args, summary, runs} as <name>.json and the Markdown beside it, both printed."""
+    results = {"args": args_json(args), "summary": summary, "runs": runs}
+    written = [*write_results(args.out, name, results, markdown), *also]
+    print(markdown)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return results
+
+
 def write_results(out_dir: Path, name: str, results: dict, markdown: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_json(out_dir / f"{name}.json", results), write_text(out_dir / f"{name}.md", markdown)

@@ -27,8 +27,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from evals.common import (EPOCHS, WORLD_EPOCHS, args_json, erm_model, eval_parser, fmt, markdown_table, mean_std,
-                          toy_data, write_results)
+from evals.common import (EPOCHS, WORLD_EPOCHS, erm_model, eval_parser, finish, fmt, markdown_table, mean_std,
+                          toy_data)
 from evals.worlds import WORLDS
 
 
@@ -184,13 +184,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "-" if v["precision_at_k_reliance"] is None else f"{v['precision_at_k_reliance']:.2f}",
               "-" if v["average_precision_reliance"] is None else f"{v['average_precision_reliance']:.2f}"]
              for c, v in r["per_class"].items()]) + "\n"
-    results = {"args": args_json(args),
-               "summary": summary, "runs": runs}
-    name = args.name or ("discovery_debug" if args.debug else "discovery")
-    json_path, md_path = write_results(args.out, name, results, md)
-    print(md)
-    print(f"wrote {json_path} and {md_path}")
-    return results
+    return finish(args, args.name or ("discovery_debug" if args.debug else "discovery"), summary, runs, md)
 
 
 if __name__ == "__main__":

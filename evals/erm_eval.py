@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from evals.common import EPOCHS, args_json, eval_parser, fmt, markdown_table, mean_std, recipe, toy_data, write_results
+from evals.common import EPOCHS, eval_parser, finish, fmt, markdown_table, mean_std, recipe, toy_data
 
 GROUP_ATTR = {"toy-waterbirds": "place", "toy-multiclass": "attr"}
 
@@ -52,12 +52,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     md = ("## ERM (smallcnn), test split\n\n"
           + markdown_table(["benchmark", "epochs", "seeds", "worst-group %", "average %", "weighted average %", "train s"], rows)
           + "\nMean ± std over seeds.\n")
-    results = {"args": args_json(args),
-               "summary": summary, "runs": runs}
-    json_path, md_path = write_results(args.out, "erm_debug" if args.debug else "erm", results, md)
-    print(md)
-    print(f"wrote {json_path} and {md_path}")
-    return results
+    return finish(args, "erm_debug" if args.debug else "erm", summary, runs, md)
 
 
 if __name__ == "__main__":

@@ -73,10 +73,11 @@ def audit_cmd(
             setattr(cfg.agent, key, value)
         ds = load_dataset(data, format, attr=attr, target=target)
         clf = load_checkpoint(model, device=device)
-        check_probe_inputs(ds, clf, cfg, split_classes(classes))   # before anything is written
+        classes = split_classes(classes)
+        check_probe_inputs(ds, clf, cfg, classes)   # before anything is written
         run_dir = run_dir or default_run_dir("audit")
         args = RunArgs(data=str(data.resolve()), format=format, model=str(model.resolve()),
-                       classes=split_classes(classes), seed=seed, attr=attr, target=target)
+                       classes=classes, seed=seed, attr=attr, target=target)
         store = open_cli_run(run_dir, "audit", args)
         if store.get_meta("record") is None:
             planner = "offline" if cfg.agent.offline else llm_record(cfg.agent)
@@ -84,7 +85,7 @@ def audit_cmd(
                                                 planner=planner))
         thread_id(store)
         planner_obj, _ = make_planner(cfg.agent)
-        ctx = audit_context(ds, clf, cfg, store, model_path=str(model.resolve()), classes=split_classes(classes),
+        ctx = audit_context(ds, clf, cfg, store, model_path=str(model.resolve()), classes=classes,
                             seed=seed, progress=True, planner=planner_obj)
     err.print(make_planner(ctx.config.agent)[1], highlight=False, soft_wrap=True)
     if retry_skipped:

@@ -78,14 +78,15 @@ def probe_cmd(
     cfg = probe_config(config_file, annotations, data)
     ds = load_dataset(data, format, attr=attr, target=target)
     clf = load_checkpoint(model, device=device)
-    check_probe_inputs(ds, clf, cfg, split_classes(classes))   # before anything is written
+    classes = split_classes(classes)
+    check_probe_inputs(ds, clf, cfg, classes)   # before anything is written
     run_dir = run_dir or default_run_dir("probe")
     args = RunArgs(data=str(data.resolve()), format=format, attr=attr, target=target, model=str(model.resolve()),
-                   classes=split_classes(classes), seed=seed)
+                   classes=classes, seed=seed)
     store = open_cli_run(run_dir, "probe", args)
     store.set_meta("record", run_record(cfg, seed=seed, classifier={"arch": clf.arch, "classes": clf.class_names}))
     # 2. run (resumes what the store already holds)
-    pipeline = ProbePipeline(ds, clf, cfg, store, classes=split_classes(classes), seed=seed,
+    pipeline = ProbePipeline(ds, clf, cfg, store, classes=classes, seed=seed,
                              progress=step_progress)
     if retry_skipped:
         err.print(f"retrying {pipeline.retry_failed()} recorded failure(s)", highlight=False)

@@ -116,6 +116,7 @@ class ProbePipeline:
         self._object_masks: dict[str, Optional[np.ndarray]] = {}   # per image: the label object's mask
         self._object_unions: dict[str, np.ndarray] = {}             # per image: its other objects' masks
         self._bg_groups: Optional[dict[str, str]] = None
+        self._key_groups: dict[str, Optional[str]] = {}              # per image: its background group
 
     # ------------------------------------------------------------ helpers
     def tool(self, name: str):
@@ -336,6 +337,13 @@ class ProbePipeline:
             self.store.set_meta("background_groups", self._bg_groups)
         return self._bg_groups
 
+    def _group_of(self, key: str) -> Optional[str]:
+        """A hold-out image's background group (None: no background). Cached: donors are drawn for every edit."""
+        if key not in self._key_groups:
+            bg = self._background_of(key)
+            self._key_groups[key] = None if bg is None else self._background_group(bg[0])
+        return self._key_groups[key]
+
     def _background_group(self, phrase: str) -> str:
         key = lexicon.normalize(phrase)
         groups = self.background_groups()
@@ -506,8 +514,8 @@ class ProbePipeline:
         rng.shuffle(keys)
         by_group: dict[str, list[str]] = defaultdict(list)
         for key in keys:
-            bg = self._background_of(key)
-            if bg is not None and wanted(group := self._background_group(bg[0])):
+            group = self._group_of(key)
+            if group is not None and wanted(group):
                 by_group[group].append(key)
         large = [g for g in sorted(by_group) if len(by_group[g]) >= self.config.probe.min_occurrences]
         rng.shuffle(large)
