@@ -106,7 +106,8 @@ def test_bad_inputs_are_refused_before_a_run_folder_is_written(tmp_path, monkeyp
     run = tmp_path / "run"
     probe = ["probe", "--data", str(world), "--run-dir", str(run)]
     code, _, err = run_main(monkeypatch, capsys, *probe, "--model", str(tmp_path / "one.pt"))
-    assert code == 1 and "labels go up to 1 but the classifier has 1 classes" in err and not run.exists()
+    assert code == 1 and "the classifier has 1 classes (gizmo) but " in err and "names 2 (gizmo, widget)" in err \
+        and not run.exists()
     code, _, err = run_main(monkeypatch, capsys, *probe, "--model", str(tmp_path / "two.pt"), "--classes", "sprocket")
     assert code == 1 and "unknown class 'sprocket'" in err and not run.exists()
     lines = (world / "annotations.jsonl").read_text().splitlines()

@@ -152,3 +152,55 @@ def test_annotations_reader_resolves_masks_and_names_bad_lines(tmp_path):
     path.write_text(json.dumps({**line, "regions": [{"phrase": "sea", "mask": "masks/none.png"}]}) + "\n")
     with pytest.raises(DataError, match="none.png is missing"):
         read_annotations(path)
+
+
+def test_a_spreadsheet_csv_with_bom_and_crlf_reads_and_a_repeated_row_is_named(tmp_path):
+    root = _waterbirds(tmp_path / "d", ROWS)
+    text = (root / "metadata.csv").read_text()
+    (root / "metadata.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    ds = load_dataset(root)
+    assert [s.image for s in ds.samples] == [r[0] for r in ROWS] and ds.attr_name == "place"
+    (root / "metadata.csv").write_text(text + "a/2.png,1,0,1\n")
+    with pytest.raises(DataError, match=r"metadata.csv:6: column 'img_filename' repeats 'a/2.png' \(first on line 3\)"):
+        load_dataset(root)
+
+
+def test_images_of_any_mode_load_as_8_bit_rgb(tmp_path):
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")            # 16-bit grayscale: scaled, not clipped to white
+    g16 = np.asarray(load_image(tmp_path / "g16.png"))
+    assert g16.dtype == np.uint8 and g16.shape == (16, 16, 3)
+    assert g16[0, 0, 0] == 0 and g16[-1, -1, 0] == 255 and g16[8, 8, 0] == 136   # pixel 136 of a 256-step ramp
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[:2, :, 3] = 200, 255                      # top half opaque red, bottom transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    a = np.asarray(load_image(tmp_path / "a.png"))
+    assert tuple(a[0, 0]) == (200, 0, 0) and tuple(a[3, 3]) == (255, 255, 255)   # composited on white
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+    pal.save(tmp_path / "p.png", transparency=0)
+    assert tuple(np.asarray(load_image(tmp_path / "p.png"))[0, 0]) == (10, 200, 10)
+    Image.new("L", (4, 4), 77).save(tmp_path / "l.png")
+    assert tuple(np.asarray(load_image(tmp_path / "l.png"))[0, 0]) == (77, 77, 77)
+
+
+def test_a_checkpoint_of_other_classes_is_refused_and_a_spelling_difference_warned(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from aspire.models.evaluate import check_classes
+
+    ds = load_dataset(_waterbirds(tmp_path / "d", ROWS))
+    clf = lambda *names: SimpleNamespace(class_names=list(names), source="m.pt")  # noqa: E731
+    check_classes(clf("landbird", "waterbird"), ds)
+    with pytest.raises(DataError, match=r"m.pt has 3 classes \(a, b, c\) but .*metadata.csv names 2 \(landbird, waterbird\)"):
+        check_classes(clf("a", "b", "c"), ds)
+    with pytest.raises(DataError, match=r"m.pt: class 0 is 'cat' but .*metadata.csv's is 'landbird'"):
+        check_classes(clf("cat", "waterbird"), ds)
+    with pytest.raises(DataError, match=r"m.pt: class 0 is 'waterbird'"):
+        check_classes(clf("waterbird", "landbird"), ds)          # the same names in another order
+    check_classes(clf("Land_Bird", "waterbird"), ds)
+    assert "'Land_Bird' (checkpoint) = 'landbird' (dataset)" in capsys.readouterr().err
+    unnamed = load_dataset(_waterbirds(tmp_path / "u", ROWS, classes=()))
+    check_classes(clf("x", "y", "z"), unnamed)                    # labels only: any checkpoint covering them
+    with pytest.raises(DataError, match=r"labels go up to 1 but m.pt has 1 classes"):
+        check_classes(clf("x"), unnamed)

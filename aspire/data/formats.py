@@ -83,7 +83,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise DataError(f"{path}: file is missing")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:   # a spreadsheet's byte-order mark is no column
             reader = csv.DictReader(f)
             rows = list(reader)
             header = [h.strip() for h in (reader.fieldnames or [])]
@@ -91,6 +91,13 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise DataError(f"{path}: not a readable CSV file ({e})") from None
     rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in rows]
     return header, rows
+
+
+def _unique(key: str, seen: dict[str, int], path: Path, line: int, column: str, split: str = "") -> None:
+    """A row's image must not be listed before in its split (it would be counted, trained on and probed twice)."""
+    if key and (key, split) in seen:
+        raise DataError(f"{path}:{line}: column {column!r} repeats {key!r} (first on line {seen[key, split]})")
+    seen[key, split] = line
 
 
 def _int(value: str, path: Path, line: int, column: str) -> int:
@@ -128,7 +135,9 @@ def _load_waterbirds(root: Path, attr: str) -> Dataset:
         raise DataError(f"{path}: attribute column {attr!r} is missing (columns: {', '.join(header)})")
     has_synthetic = "synthetic" in header
     samples = []
+    seen: dict[tuple[str, str], int] = {}
     for i, r in enumerate(rows, start=2):
+        _unique(r["img_filename"], seen, path, i, "img_filename", r["split"])
         y = _int(r["y"], path, i, "y")
         if y < 0:
             raise DataError(f"{path}:{i}: label {y} out of range (column 'y' must be >= 0)")
@@ -169,7 +178,9 @@ def _load_celeba(root: Path, target: str, attr: str) -> Dataset:
         return int(v == 1)
 
     samples = []
+    seen: dict[tuple[str, str], int] = {}
     for i, r in enumerate(rows, start=2):
+        _unique(r["image_id"], seen, attr_path, i, "image_id")
         if r["image_id"] not in partition:
             raise DataError(f"{part_path}: image {r['image_id']!r} has no partition")
         code = partition[r["image_id"]]

@@ -12,17 +12,45 @@ from aspire.errors import DataError
 from aspire.schemas import Sample
 
 
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Load an RGB image; a missing or corrupt file raises DataError naming it."""
+    """Load an image as 8-bit RGB; a missing or corrupt file raises DataError naming it.
+
+    16-bit and 32-bit images are scaled to 8 bits (not clipped: a 16-bit PNG would turn white), palette and
+    grayscale images are expanded, and transparency (RGBA, LA, a palette's transparent colour) is composited on
+    `ALPHA_BACKGROUND`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file is missing")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: corrupt or unreadable image ({type(e).__name__})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB (see `load_image`)."""
+    if im.mode.startswith("I") or im.mode == "F":   # 16-bit or 32-bit integer samples, or floats
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" and a.max(initial=0) <= 1:
+            top = 1.0
+        elif im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            top = 65535.0
+        else:
+            top = 255.0
+        im = Image.fromarray(np.clip(np.rint(a / top * 255), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return im.convert("RGB")
 
 
 def load_mask(path: str | Path, size: Optional[tuple[int, int]] = None) -> np.ndarray:

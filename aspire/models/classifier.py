@@ -290,4 +290,5 @@ def load_checkpoint(path: str | Path, device: Optional[str] = None) -> Classifie
                               f"{len(payload['class_names'])} classes ({problem})")
     clf.load_state_dict(payload["state_dict"])
     clf.train_info = payload.get("train") if isinstance(payload.get("train"), dict) else {}
+    clf.source = str(path)   # what error messages name
     return clf.to(pick_device(device)).eval()

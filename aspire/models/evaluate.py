@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -16,6 +17,36 @@ from aspire.models.metrics import count_groups, group_metrics
 from aspire.schemas import EvalResult, Sample
 
 _console = Console(stderr=True)
+
+
+def _spelling(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "", name.lower())
+
+
+def check_classes(clf, dataset: Dataset) -> None:
+    """The checkpoint must be one of the dataset's classes: the same number of classes, and the same names when
+    the dataset names them (names differing only in case or punctuation are a warning naming both). A dataset
+    without class names (labels only) must not have a label beyond the checkpoint's classes."""
+    mine, theirs = list(clf.class_names), list(dataset.class_names)
+    model = getattr(clf, "source", None) or "the classifier"
+    unnamed = theirs == [str(i) for i in range(len(theirs))]
+    if unnamed:
+        if len(theirs) > len(mine):
+            raise DataError(f"{dataset.source}: labels go up to {len(theirs) - 1} but {model} has {len(mine)} "
+                            f"classes ({', '.join(mine)})")
+        return
+    if len(mine) != len(theirs):
+        raise DataError(f"{model} has {len(mine)} classes ({', '.join(mine)}) but {dataset.source} names "
+                        f"{len(theirs)} ({', '.join(theirs)})")
+    differ = [(a, b) for a, b in zip(mine, theirs) if a != b]
+    if any(_spelling(a) != _spelling(b) for a, b in differ):
+        a, b = next((a, b) for a, b in differ if _spelling(a) != _spelling(b))
+        raise DataError(f"{model}: class {mine.index(a)} is {a!r} but {dataset.source}'s is {b!r}: the "
+                        f"checkpoint was trained on other classes or in another order")
+    if differ:
+        _console.print("warning: class names differ in spelling only, matched by index: " +
+                       ", ".join(f"{a!r} (checkpoint) = {b!r} (dataset)" for a, b in differ),
+                       highlight=False, soft_wrap=True)
 
 
 def check_labels(clf: Classifier, samples: Sequence[Sample]) -> None:
@@ -45,10 +76,8 @@ def evaluate(clf: Classifier, dataset: Dataset, split: str = "test", batch_size:
     Groups are (y, attribute) when the dataset has an attribute, else the classes."""
     # 1. check inputs
     samples = dataset.split(split)
+    check_classes(clf, dataset)
     check_labels(clf, samples)
-    if list(dataset.class_names) != list(clf.class_names):
-        _console.print(f"warning: the dataset's class names {dataset.class_names} differ from the classifier's "
-                       f"{clf.class_names}; labels are matched by index", highlight=False, soft_wrap=True)
     # 2. predict
     probs = predict_samples(clf, samples, batch_size, progress)  # (N, C)
     # 3. metrics, weighted by the training split's group shares when there is one

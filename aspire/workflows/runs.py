@@ -141,15 +141,13 @@ def resolve_classes(classes: Optional[Sequence[str]], class_names: Sequence[str]
 
 
 def check_probe_inputs(dataset, classifier, config: AspireConfig, classes: Optional[Sequence[str]]) -> None:
-    """What a probe or audit would fail on later, checked before its run folder is created: a classifier with too
-    few classes for the labels, an unknown --classes, an annotations file with a bad line or a missing mask."""
+    """What a probe or audit would fail on later, checked before its run folder is created: a classifier of other
+    classes than the data's, an unknown --classes, an annotations file with a bad line or a missing mask."""
     from aspire.data.annotations import read_annotations
+    from aspire.models.evaluate import check_classes
 
-    names = list(classifier.class_names)
-    if len(names) < dataset.num_classes:
-        raise DataError(f"{dataset.source}: labels go up to {dataset.num_classes - 1} but the classifier has "
-                        f"{len(names)} classes ({', '.join(names)})")
-    resolve_classes(classes, names)
+    check_classes(classifier, dataset)
+    resolve_classes(classes, list(classifier.class_names))
     files = {c.annotations for c in (config.caption, config.ground) if c.backend == "annotations" and c.annotations}
     for path in sorted(files):
         read_annotations(path)
