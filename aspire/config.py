@@ -105,6 +105,8 @@ class ProbeSettings(Settings):
                                   "other classes' hold-out images (0: off)")
     joint_images: int = Field(40, ge=0, description="joint removal: hold-out images per class showing at least two "
                               "testable groups, all removed together (0: off)")
+    propagate: bool = Field(True, description="ground every phrase group of at least min_occurrences hold-out images "
+                            "in the hold-out images whose captions left it out, and test it there too")
     background_min_share: float = Field(0.25, gt=0, le=1, description="a region touching three image sides and "
                                         "covering this share of the pixels outside the label's object is a background")
     seed: int = 0

@@ -60,6 +60,15 @@ def deterministic_cudnn() -> Iterator[None]:
         backend.deterministic, backend.benchmark = saved
 
 
+def free_memory() -> None:
+    """After a stage dropped its models: collect them and hand the GPU's cached blocks back."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 

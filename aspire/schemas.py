@@ -134,6 +134,17 @@ class Edit(Record):
         return self.pair or f"{self.image}|{self.kind}|{self.phrase}"
 
 
+class Propagated(Record):
+    """The hold-out's frequent phrases that this image's caption left out, grounded in it (probe step 3b)."""
+
+    image: str
+    tried: list[str] = []   # the phrases grounded in the image
+    found: list[str] = Field(default=[], description="those found, in a region the image does not already name "
+                             "under another phrase: they join the image's phrases")
+    same: dict[str, str] = Field(default={}, description="those found on a region the image names under another "
+                                 "phrase: {phrase: that phrase} (evidence that they name the same thing)")
+
+
 class Failure(Record):
     """A tool's failure on one image (or one phrase of it): the item was skipped and the run went on."""
 

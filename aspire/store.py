@@ -63,6 +63,7 @@ RUN_RECORDS = (
     Entry("prediction", "probe step 1", "tools.probe.Prediction: the classifier on a source image"),
     Entry("caption", "probe step 2", "Caption"),
     Entry("phrases", "probe step 3", "PhraseSet"),
+    Entry("propagated", "probe step 3b", "Propagated: the frequent phrases the image's caption left out, grounded in it"),
     Entry("region", "probe step 4a", "Region (`image|phrase`; mask PNG under `masks/`)"),
     Entry("edit", "probe steps 4a-4e", "Edit (PNGs and JSON under `edits/`; `test`: removal, insertion or joint; "
                                        "`pair`: the real edit a control belongs to; intermediate steps of joint "

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from evals.common import EPOCHS, erm_model, eval_parser, finish, markdown_table, mean_std, toy_data
+from evals.common import EPOCHS, erm_model, eval_parser, finish, markdown_table, mean_std, toy_data, truth_data
 from evals.discovery_eval import match_element
 from evals.toy_table_eval import DEBUG_EPOCHS, DEBUG_IMAGES_PER_CLASS, aspire_set, probe_pipeline, train_cell
 
@@ -102,8 +102,9 @@ def run_seed(bench: str, seed: int, epochs: int, args) -> dict:
     log(f"{bench} seed {seed}: re-probing on the repaired model")
     findings = pipeline.reprobe(after_clf, str(after_path))
     elements = json.loads((data / "ground_truth.json").read_text())["elements"]
-    reliance_before = measure_reliance(pipeline.classifier, data)
-    reliance_after = measure_reliance(after_clf, data)
+    truth = truth_data(bench, seed, args.workdir, args.debug, args.truth_test_per_class)
+    reliance_before = measure_reliance(pipeline.classifier, truth)
+    reliance_after = measure_reliance(after_clf, truth)
     targeted = [{"class": f.class_, "phrase": f.phrase, "kind": f.kind, "effect": f.effect,
                  "after": f.after.effect, "verdict": f.after.verdict}
                 for f in findings if f.spurious and f.after is not None and aspire["per_class"].get(f.class_)]

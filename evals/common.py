@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 from aspire.atomic import write_json, write_text
 
 BENCHMARKS = ("toy-waterbirds", "toy-multiclass")
+TRUTH_TEST_PER_CLASS = 1000  # test images per class of the reliance measurement (evals' --truth-test-per-class)
 DEBUG_SIZES = {"train": 40, "val": 12, "test": 12}  # images per class per split in --debug runs
 # ERM epochs per benchmark when --epochs is not given: enough for smallcnn to learn the task. At 10 epochs it
 # underfits toy-multiclass (42 % average test accuracy, seed 0); at 30 it learns the shapes (81 %).
@@ -28,6 +29,9 @@ def eval_parser(doc: str, debug_help: str) -> argparse.ArgumentParser:
     ap.add_argument("--workdir", type=Path, default=Path("evals/work"))
     ap.add_argument("--out", type=Path, default=Path("evals/results"))
     ap.add_argument("--debug", action="store_true", help=debug_help)
+    ap.add_argument("--truth-test-per-class", type=int, default=TRUTH_TEST_PER_CLASS,
+                    help="test images per class of the counterfactual set the true reliance is measured on (the "
+                         "same training images; 0: the benchmark's own test split)")
     return ap
 
 
@@ -38,17 +42,45 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
 
-def toy_data(bench: str, seed: int, workdir: Path, debug: bool) -> Path:
-    """The benchmark for a seed, built once under workdir."""
+def toy_data(bench: str, seed: int, workdir: Path, debug: bool, test_per_class: int = 0) -> Path:
+    """The benchmark for a seed, built once under workdir; `test_per_class` > 0: with that many test images per
+    class (train and validation unchanged: scenes are drawn per split)."""
+    from aspire.data.toy.benchmark import BENCHMARKS as SPECS
     from aspire.data.toy.benchmark import write_benchmark
+    from aspire.data.toy.scenes import split_sizes
 
     from evals.worlds import WORLDS
 
-    root = workdir / f"{bench}-seed{seed}{'-debug' if debug else ''}"
+    spec = (WORLDS.get(bench) or SPECS[bench])()
+    sizes = DEBUG_SIZES if debug else None
+    suffix = "-debug" if debug else ""
+    if test_per_class > 0:
+        sizes = {**split_sizes(spec, 1, sizes), "test": test_per_class}
+        suffix += f"-test{test_per_class}"
+    root = workdir / f"{bench}-seed{seed}{suffix}"
     if not (root / "metadata.csv").is_file():
-        spec = WORLDS[bench]() if bench in WORLDS else bench
-        write_benchmark(spec, root, seed=seed, sizes=DEBUG_SIZES if debug else None)
+        write_benchmark(spec, root, seed=seed, sizes=sizes)
     return root
+
+
+def truth_data(bench: str, seed: int, workdir: Path, debug: bool, test_per_class: int) -> Path:
+    """The counterfactual set true reliance is measured on: the benchmark with `test_per_class` test images per
+    class. A benchmark's own test split can be small (toy-multiclass: 100 per class, so an element shown with a
+    class at the base rate has 8 images, and one flip reads as a 0.125 accuracy drop)."""
+    import csv
+
+    probed = toy_data(bench, seed, workdir, debug)
+    if test_per_class <= 0:
+        return probed
+    truth = toy_data(bench, seed, workdir, debug, test_per_class)
+
+    def train_rows(root: Path) -> list[dict]:
+        with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
+            return [r for r in csv.DictReader(f) if r["split"] != "2"]
+
+    if train_rows(truth) != train_rows(probed):  # the same training images, or the truth is another model's
+        raise RuntimeError(f"{truth}: its training and validation images differ from {probed}'s")
+    return truth
 
 
 def erm_model(data: Path, seed: int, workdir: Path, epochs: int, arch: str = "smallcnn") -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from evals.common import (EPOCHS, WORLD_EPOCHS, erm_model, eval_parser, finish, fmt, markdown_table, mean_std,
-                          toy_data)
+                          toy_data, truth_data)
 from evals.worlds import WORLDS
 
 
@@ -66,7 +66,8 @@ def average_precision(ranked: list[Optional[str]], truth: set[str]) -> Optional[
     return total / len(truth)
 
 
-def run_seed(bench: str, seed: int, workdir: Path, debug: bool, epochs: int, threshold: float, k: int) -> dict:
+def run_seed(bench: str, seed: int, workdir: Path, debug: bool, epochs: int, threshold: float, k: int,
+             truth_per_class: int = 0) -> dict:
     import json
 
     from aspire.config import load_config
@@ -81,7 +82,7 @@ def run_seed(bench: str, seed: int, workdir: Path, debug: bool, epochs: int, thr
     clf = load_checkpoint(erm_model(data, seed, workdir, epochs))
     truth = json.loads((data / "ground_truth.json").read_text())
     elements = truth["elements"]
-    reliance = measure_reliance(clf, data)
+    reliance = measure_reliance(clf, truth_data(bench, seed, workdir, debug, truth_per_class))
 
     ann = str(data / "annotations.jsonl")
     cfg = load_config(None, {"caption": {"annotations": ann}, "ground": {"annotations": ann}})
@@ -143,8 +144,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     def epochs(b: str) -> int:
         return args.epochs or EPOCHS.get(b, WORLD_EPOCHS)
 
-    runs = [run_seed(b, s, args.workdir, args.debug, epochs(b), args.reliance_threshold, args.k)
-            for b in names for s in args.seeds]
+    runs = [run_seed(b, s, args.workdir, args.debug, epochs(b), args.reliance_threshold, args.k,
+                     args.truth_test_per_class) for b in names for s in args.seeds]
     summary, rows, cost_rows = {}, [], []
     for b in names:
         mine = [r for r in runs if r["benchmark"] == b]
@@ -167,7 +168,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
           + markdown_table(["benchmark", "epochs", "seeds", "precision vs reliance", "recall vs reliance",
                             "precision vs planted", "recall vs planted", "mAP vs reliance", "runs flagging",
                             "joint findings"], rows)
-          + f"\nReliance threshold: accuracy drop ≥ {args.reliance_threshold} on the counterfactual test set. "
+          + f"\nReliance threshold: accuracy drop ≥ {args.reliance_threshold} on the counterfactual test set "
+          + (f"({args.truth_test_per_class} test images per class, the same training images). "
+             if args.truth_test_per_class > 0 else "(the benchmark's own test split). ")
           + "Mean ± std over seeds, in %; n/a where no seed defines it (nothing flagged, or nothing relied upon).\n\n"
           + "Probe cost per tested group (mean ± std over seeds): edits and classifier calls (hold-out "
             "predictions + one per edit), removal alone vs with the insertion and joint tests; probe seconds per run.\n\n"

@@ -463,3 +463,59 @@ def test_counts_cap_and_skip_classes(run, tmp_path):
     assert no_leftovers(tmp_path / "bad")
     with pytest.raises(ConfigError, match="generic"):
         select_edits(RunStore(run / "run"), ["landbird", "waterbird"], [0, 1], config(run, select="generic"))
+
+
+@pytest.mark.parametrize("backend", ["offline", "textual-inversion"])
+def test_one_stage_of_models_at_a_time_with_the_callers_classifier(run, tmp_path, monkeypatch, backend):
+    """The agent's pipeline is reused (its classifier not loaded again). Offline generation: the editor's Stable
+    Diffusion inpainting (the class's backgrounds) is gone, collected, before the class's images are generated.
+    Textual inversion: the generator's models are released before the next class."""
+    import weakref
+
+    from tiny_diffusers import build_tiny_sd, build_tiny_sd_inpaint
+
+    from aspire.tools.generate import Generator
+    from aspire.workflows import repair
+    from aspire.workflows.probe import ProbePipeline
+    from aspire.workflows.runs import load_inputs, recorded_args
+
+    cfg = config(run)
+    if backend == "offline":
+        cfg.generate.images_per_class, cfg.generate.max_backgrounds = 1, 2
+        cfg.edit = cfg.edit.model_copy(update=dict(remove_backend="sd-inpaint", num_inference_steps=1, device="cpu",
+                                                   inpaint_model_id=str(build_tiny_sd_inpaint(tmp_path / "inpaint"))))
+    else:
+        cfg.generate = cfg.generate.model_copy(update=dict(
+            backend=backend, model_id=str(build_tiny_sd(tmp_path / "sd")), train_steps=1, train_batch_size=2,
+            resolution_px=32, seeds=[0], images_per_seed=1, num_inference_steps=1, batch_size=1, device="cpu"))
+    store = RunStore(run / "run")
+    args = recorded_args(store)
+    pipeline = ProbePipeline(*load_inputs(args), cfg, store, classes=args.classes, seed=args.seed)
+    monkeypatch.setattr(repair, "load_inputs", lambda *a, **k: pytest.fail("the classifier was loaded again"))
+    seen, generators, unets = [], [], []
+    real_job, real_generate = repair._Sources.job, Generator.generate
+
+    def job(self, sel, notes):
+        out = real_job(self, sel, notes)
+        inpaint = pipeline.tool("editor")._inpaint_pipe
+        if inpaint is not None:
+            unets.append(weakref.ref(inpaint.unet))
+        seen.append(("backgrounds", pipeline.resident(), [g.resident for g in generators]))
+        return out
+
+    def generate(self, job, work=None):
+        generators.append(self)
+        seen.append(("generate", pipeline.resident(), [u() is None for u in unets]))
+        yield from real_generate(self, job, work)
+
+    monkeypatch.setattr(repair._Sources, "job", job)
+    monkeypatch.setattr(Generator, "generate", generate)
+    result = augment_run(run / "run", tmp_path / "aug", cfg, seed=0, on_message=lambda m: None, pipeline=pipeline)
+    assert result.per_class == {"landbird": 1, "waterbird": 1}
+    if backend == "offline":   # the inpainting UNet is collected before each class's generation
+        assert seen == [("backgrounds", ["editor"], []), ("generate", [], [True]),
+                        ("backgrounds", ["editor"], [False]), ("generate", [], [True, True])]
+    else:                      # nothing is inpainted; Stable Diffusion is released after each class
+        assert seen == [("backgrounds", [], []), ("generate", [], []),
+                        ("backgrounds", [], [False]), ("generate", [], [])]
+    assert pipeline.resident() == [] and not any(g.resident for g in generators)

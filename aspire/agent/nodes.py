@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from aspire.agent.planner import Plan, PlanRequest, finding_for, group_key, phrase_stats, trim_to_budget
 from aspire.agent.state import AuditContext, AuditState, Hypothesis
-from aspire.schemas import Finding, PhraseSet
+from aspire.schemas import Finding
 from aspire.tools.probe import rank_key
 from aspire.workflows.retrain import retrain_plan as workflow_retrain_plan
 
@@ -59,7 +59,7 @@ def _stage(store, name: str, **info: Any) -> None:
 def current_stats(ctx: AuditContext):
     """Per probed class, the phrase groups of its hold-out images with their shares and lift."""
     p = ctx.pipeline
-    sets = [s for s in (p.store.get("phrases", s.image, PhraseSet) for s in p.holdout()) if s is not None]
+    sets = [s for s in (p.phrase_set(s.image) for s in p.holdout()) if s is not None]
     labels = {s.image: s.y for s in p.holdout()}
     return phrase_stats(sets, labels, p.class_names, p.class_ids, ctx.config.probe.merge_similarity)
 
@@ -398,7 +398,7 @@ def generate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
         from aspire.workflows.repair import augment_run
 
         augment_run(store.run_dir, augmented_dir(store), ctx.config, ctx.seed, groups=sorted(features),
-                    progress=step_progress if ctx.progress else None)
+                    progress=step_progress if ctx.progress else None, pipeline=ctx.pipeline)
         done = store.get_meta("augmented") or {}
     summary = {"dir": str(done.get("dir", "")), "n_images": int(done.get("n_images") or 0),
                "per_class": done.get("per_class") or {}}

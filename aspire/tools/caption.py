@@ -142,6 +142,19 @@ class Captioner:
             out.append(Caption(image=key, caption=text, backend="annotations"))
         return out
 
+    @property
+    def resident(self) -> bool:
+        """Whether a model is loaded."""
+        return self.model is not None
+
+    def release(self) -> None:
+        """Drop the model (loaded again on the next call): the next stage gets its memory."""
+        if self.model is not None:
+            from aspire.devices import free_memory
+
+            self.model = self.processor = None
+            free_memory()
+
     # ---------------------------------------------------------------- transformers backend
     def load(self) -> None:
         """Load processor and model once (transformers backend); an unloadable id raises ModelLoadError."""

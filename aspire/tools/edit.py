@@ -176,6 +176,19 @@ class Editor:
         self._lama = None
         self._device = None
 
+    @property
+    def resident(self) -> bool:
+        """Whether a diffusion or LaMa model is loaded."""
+        return any(m is not None for m in (self._inpaint_pipe, self._pix2pix_pipe, self._lama))
+
+    def release(self) -> None:
+        """Drop the editing models (loaded again on the next call): the next stage gets their memory."""
+        if self.resident:
+            from aspire.devices import free_memory
+
+            self._inpaint_pipe = self._pix2pix_pipe = self._lama = None
+            free_memory()
+
     # ---------------------------------------------------------------- entry points
     def remove(self, image_key: str, image: Image.Image, mask: np.ndarray, phrase: str, seed: int,
                out_dir: str | Path, control: bool = False, relocate: bool = True, pair: str = "",

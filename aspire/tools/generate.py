@@ -150,6 +150,16 @@ class Generator:
         self._pipe = None  # StableDiffusionPipeline, loaded lazily
         self._device = None
 
+    @property
+    def resident(self) -> bool:
+        """Whether Stable Diffusion (training weights or the sampling pipeline) is loaded."""
+        return self._frozen is not None or self._pipe is not None
+
+    def release(self) -> None:
+        """Drop every Stable Diffusion model (loaded again on the next class): the next stage gets the memory."""
+        if self.resident:
+            self._free_memory()
+
     # ---------------------------------------------------------------- entry point
     def generate(self, job: ClassJob, work_dir: Optional[str | Path] = None) -> Iterator[GeneratedImage]:
         """The class's images: offline, `images_per_class`; textual inversion, `images_per_seed` per seed
@@ -491,14 +501,13 @@ class Generator:
         return self._pipe
 
     def _free_memory(self, keep_pipeline: bool = False) -> None:
-        import torch
+        from aspire.devices import free_memory
 
         self._frozen = None
         self.last_text_encoder = None
         if not keep_pipeline:
             self._pipe = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 # -------------------------------------------------------------------- helpers

@@ -102,8 +102,9 @@ class Grounder:
 
     # ---------------------------------------------------------------- entry points
     def ground(self, image_key: str, image: Image.Image, phrases: Sequence[str],
-               out_dir: Union[str, Path]) -> list[Region]:
-        """One Region per phrase, in order; masks are written under `out_dir`."""
+               out_dir: Union[str, Path], exact: bool = False) -> list[Region]:
+        """One Region per phrase, in order; masks are written under `out_dir`. `exact` (annotations backend):
+        only regions named by the same words, not near-duplicates (a phrase looked for where no caption said it)."""
         # 1. check inputs (non-RGB images are converted)
         image, phrases = self._check_inputs(image_key, image, phrases)
         if not phrases:
@@ -112,7 +113,7 @@ class Grounder:
         # 2. each distinct phrase's undilated union mask, from the chosen backend
         backend = self.settings.backend
         if backend == "annotations":
-            hits = self._annotation_hits(image_key, image.size, distinct)
+            hits = self._annotation_hits(image_key, image.size, distinct, exact)
         elif backend == "transformers":
             hits = self._model_hits(image, distinct)
         else:  # unreachable through GroundSettings validation
@@ -193,15 +194,17 @@ class Grounder:
             raise DataError(f"{image_key}: no annotation for this image in {Path(path).expanduser().resolve()}")
         return ann
 
-    def _annotation_hits(self, image_key: str, size: tuple[int, int], phrases: list[str]) -> dict[str, _Hits]:
+    def _annotation_hits(self, image_key: str, size: tuple[int, int], phrases: list[str],
+                         exact: bool = False) -> dict[str, _Hits]:
         from aspire.data.images import load_mask
-        from aspire.tools.lexicon import same_phrase
+        from aspire.tools.lexicon import same_phrase, similarity
 
         ann = self._annotation_for(image_key)
         out: dict[str, _Hits] = {}
         for phrase in phrases:
             # 1. the annotated regions whose phrase names the same thing
-            matched = [r for r in ann.regions if same_phrase(phrase, r.phrase)]
+            matched = [r for r in ann.regions if (similarity(phrase, r.phrase) == 1.0 if exact
+                                                  else same_phrase(phrase, r.phrase))]
             if not matched:
                 named = ", ".join(repr(r.phrase) for r in ann.regions) or "none"
                 out[phrase] = _Hits(reason=f"no annotated region matches {phrase!r} (regions: {named})")
@@ -217,6 +220,19 @@ class Grounder:
             out[phrase] = _Hits(mask=np.logical_or.reduce(kept), boxes=[mask_box_xyxy_px(m) for m in kept],
                                 scores=[1.0] * len(kept))
         return out
+
+    @property
+    def resident(self) -> bool:
+        """Whether GroundingDINO and SAM are loaded."""
+        return self.detector is not None
+
+    def release(self) -> None:
+        """Drop GroundingDINO and SAM (loaded again on the next call): the next stage gets their memory."""
+        if self.detector is not None:
+            from aspire.devices import free_memory
+
+            self.detector = self.detector_processor = self.segmenter = self.segmenter_processor = None
+            free_memory()
 
     # ---------------------------------------------------------------- transformers backend
     def load(self) -> None:

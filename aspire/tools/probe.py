@@ -198,14 +198,16 @@ def one_sided_fisher(flips: int, n: int, control_flips: int, control_n: int) -> 
 
 
 def phrase_groups(probes: Sequence[Probe], settings: ProbeSettings,
-                  background_groups: Optional[dict[str, str]] = None) -> dict[str, dict[str, str]]:
-    """{kind: {phrase: group name}} over the removal probes' phrases (background: the pipeline's groups first)."""
+                  known_groups: Optional[dict[str, str]] = None) -> dict[str, dict[str, str]]:
+    """{kind: {phrase: group name}} over the removal probes' phrases: `known_groups` first (the pipeline's: aliases
+    found by grounding, background groups by appearance), then near-duplicates by text."""
     mappings = {kind: merge_phrase_groups((p.phrase for p in probes if p.kind == kind and p.test == "removal"),
                                           settings.merge_similarity, by_scene=kind == "background")
                 for kind in ("foreground", "background")}
-    if background_groups:  # composed, so that a group's name maps to itself
-        bg = background_groups
-        mappings["background"] = {**{p: bg.get(p, bg.get(g, g)) for p, g in mappings["background"].items()}, **bg}
+    if known_groups:  # composed, so that a group's name maps to itself
+        known = known_groups
+        mappings = {kind: {**{p: known.get(p, known.get(g, g)) for p, g in m.items()}, **known}
+                    for kind, m in mappings.items()}
     return mappings
 
 
@@ -273,9 +275,9 @@ GroupKey = tuple[int, str, str]  # (class index, group name, kind)
 
 
 def group_probes(probes: Sequence[Probe], settings: ProbeSettings,
-                 background_groups: Optional[dict[str, str]] = None) -> dict[str, dict[GroupKey, list[Probe]]]:
+                 known_groups: Optional[dict[str, str]] = None) -> dict[str, dict[GroupKey, list[Probe]]]:
     """{test: {(class, group, kind): probes}}; insertion and joint probes are named by the group they test."""
-    mappings = phrase_groups(probes, settings, background_groups)
+    mappings = phrase_groups(probes, settings, known_groups)
     out: dict[str, dict[GroupKey, list[Probe]]] = defaultdict(lambda: defaultdict(list))
     for p in probes:
         name = lexicon.normalize(p.phrase)
@@ -284,13 +286,13 @@ def group_probes(probes: Sequence[Probe], settings: ProbeSettings,
 
 
 def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str], settings: ProbeSettings | None = None,
-                       background_groups: Optional[dict[str, str]] = None) -> list[Finding]:
+                       known_groups: Optional[dict[str, str]] = None) -> list[Finding]:
     """Findings per (class, phrase group, kind), strongest first; q-values over all of them.
-    `background_groups` ({phrase: group}, the pipeline's, which also merges by appearance) names the groups of
-    background phrases it knows; other phrases are merged by text."""
+    `known_groups` ({phrase: group}, the pipeline's: aliases by grounding, backgrounds by appearance) names the
+    groups of the phrases it knows; other phrases are merged by text."""
     settings = settings or ProbeSettings()
     # 1. group the probes; a real edit and its control share a pair key
-    by_test = group_probes(probes, settings, background_groups)
+    by_test = group_probes(probes, settings, known_groups)
     groups = by_test["removal"]
 
     # 2. per group: paired differences, the paired test, the flip test
@@ -357,7 +359,7 @@ def aggregate_findings(probes: Sequence[Probe], class_names: Sequence[str], sett
 
 def compare_findings(before_probes: Sequence[Probe], after_probes: Sequence[Probe], before: Sequence[Finding],
                      after: Sequence[Finding], settings: ProbeSettings | None = None,
-                     background_groups: Optional[dict[str, str]] = None) -> list[Finding]:
+                     known_groups: Optional[dict[str, str]] = None) -> list[Finding]:
     """The findings `before` with `after` filled in: each group's statistics on the same edits scored by another
     classifier (`after`, aggregated from `after_probes`), whether its paired drop fell, and a verdict.
 
@@ -365,8 +367,8 @@ def compare_findings(before_probes: Sequence[Probe], after_probes: Sequence[Prob
     Wilcoxon, Benjamini-Yekutieli over the groups confirmed before (those a verdict of reduced can apply to).
     A group confirmed only by joint removal is compared on its joint pairs."""
     settings = settings or ProbeSettings()
-    by_before = group_probes(before_probes, settings, background_groups)
-    by_after = group_probes(after_probes, settings, background_groups)
+    by_before = group_probes(before_probes, settings, known_groups)
+    by_after = group_probes(after_probes, settings, known_groups)
     now = {(f.class_index, f.phrase, f.kind): f for f in after}
 
     def paired(items: Sequence[Probe]) -> dict[str, float]:

@@ -29,7 +29,7 @@ from aspire.config import AspireConfig
 from aspire.data.formats import Dataset
 from aspire.data.images import load_image, load_mask
 from aspire.errors import AspireError, DataError, error_line
-from aspire.schemas import Caption, Edit, Failure, Finding, PhraseSet, Probe, Region, Sample
+from aspire.schemas import Caption, Edit, Failure, Finding, PhraseSet, Probe, Propagated, Region, Sample
 from aspire.progress import step_progress
 from aspire.store import RunStore
 from aspire.tools import lexicon
@@ -57,6 +57,7 @@ class ProbeCounts:
     edits: int = 0
     control_edits: int = 0
     skipped: int = 0   # edits not made: no control possible, or a tool failed (the failures also in `failures`)
+    propagated: int = 0  # phrases found by grounding in images whose captions left them out (step 3b)
     failures: int = 0  # images or phrases a tool failed on (records `failure`; `--retry-skipped` tries them again)
     probes: int = 0
     insertion_edits: int = 0  # real and control pastes
@@ -119,6 +120,18 @@ class ProbePipeline:
         self._key_groups: dict[str, Optional[str]] = {}              # per image: its background group
 
     # ------------------------------------------------------------ helpers
+    def release(self, *names: str) -> None:
+        """Drop the models of the tools `names` (default: every tool but the classifier's prober), so that the
+        next stage has their memory; a tool loads its models again if it is used again."""
+        for name in names or [n for n in self._tools if n != "prober"]:
+            tool = self._tools.get(name)
+            if hasattr(tool, "release"):
+                tool.release()
+
+    def resident(self) -> list[str]:
+        """The tools whose models are loaded now (the classifier, shared by every stage, not counted)."""
+        return sorted(n for n, t in self._tools.items() if getattr(t, "resident", False))
+
     def tool(self, name: str):
         """Tools are built once, and their models load lazily on first use."""
         if name not in self._tools:
@@ -196,6 +209,7 @@ class ProbePipeline:
                                 self._failed("caption", sample, "", e)
                     self.store.put_many("caption", [(c.image, c) for c in captions])
                     advance(len(batch))
+            self.release("captioner")   # the later steps never caption: its memory goes to grounding and editing
         captions = [c for c in (self.store.get("caption", s.image, Caption) for s in holdout) if c is not None]
         if holdout and not captions:
             raise AspireError(f"captioning failed for every hold-out image ({self._first_failure('caption')})")
@@ -223,13 +237,119 @@ class ProbePipeline:
                               f"{failed[0].failed}); fix the phrases backend, then run again with --retry-skipped")
         return sets
 
+    # ------------------------------------------------------------ 3b. what the captions left out
+    def phrase_sets(self) -> dict[str, PhraseSet]:
+        """{image: phrases} of the hold-out, each with the frequent phrases its caption left out.
+
+        A caption names about half of what an image shows, so a group's tests would see only the images that
+        happen to mention it, and a background change would paint over the objects nobody named. So every phrase
+        group named in at least probe.min_occurrences hold-out images (its most frequent phrase; the label
+        objects excepted) is grounded in each probed hold-out image that names none of the group. Where the
+        grounder finds it, in a region the image does not already name under another phrase, it joins the
+        image's phrases; its mask decides its kind, as for every phrase. Recorded per image (record
+        `propagated`); `probe.propagate = false` turns it off."""
+        sets = {p.image: p for p in self.extract_phrases() if p is not None}
+        if not self.config.probe.propagate:
+            return sets
+        usable = {k: p for k, p in sets.items() if not p.failed}
+        named = {k: list(dict.fromkeys([*p.foreground, *p.background[:1]])) for k, p in usable.items()}
+        group_of = merge_phrase_groups([q for qs in named.values() for q in qs], self.config.probe.merge_similarity)
+        groups_in = {k: {group_of[lexicon.normalize(q)] for q in qs} for k, qs in named.items()}
+        images = Counter(g for gs in groups_in.values() for g in gs)
+        labels = [o for c in self.class_names for o in object_phrases(c)]
+        frequent = [g for g, n in sorted(images.items(), key=lambda t: (-t[1], t[0]))
+                    if n >= self.config.probe.min_occurrences and not any(lexicon.same_phrase(g, o) for o in labels)]
+        todo = {k: [g for g in frequent if g not in groups_in[k] and g not in self._propagated(k).tried]
+                for k in usable if self.samples[k].y in self.class_ids and not self.store.has("failure", f"edit|{k}|")}
+        todo = {k: v for k, v in todo.items() if v}
+        if todo:
+            with self.progress("grounding what captions left out", len(todo)) as advance:
+                for key, phrases in todo.items():
+                    before = self._propagated(key)
+                    try:
+                        now = self._ground_missing(self.samples[key], named[key], phrases)
+                        self.store.put("propagated", key, Propagated(
+                            image=key, tried=sorted({*before.tried, *now.tried}), found=[*before.found, *now.found],
+                            same={**before.same, **now.same}))
+                    except ITEM_ERRORS as e:   # the image's edits will meet the same failure; --retry-skipped
+                        self._failed("edit", self.samples[key], "", e)
+                    advance(1)
+        return {k: self.phrase_set(k) or p for k, p in sets.items()}
+
+    def phrase_set(self, key: str) -> Optional[PhraseSet]:
+        """An image's recorded phrases with those grounded in it by `phrase_sets` (as foreground: the mask decides)."""
+        phrases = self.store.get("phrases", key, PhraseSet)
+        if phrases is None or phrases.failed:
+            return phrases
+        extra = [q for q in self._propagated(key).found if q not in phrases.foreground]
+        return phrases.model_copy(update={"foreground": [*phrases.foreground, *extra]}) if extra else phrases
+
+    def _propagated(self, key: str) -> Propagated:
+        return self.store.get("propagated", key, Propagated) or Propagated(image=key)
+
+    def _ground_missing(self, sample: Sample, named: Sequence[str], phrases: Sequence[str]) -> Propagated:
+        """`phrases` looked for in the image: `found`, those in a region of their own (the best-scored first); `same`,
+        those that landed on a region the image names under another phrase (or on one found before), with it.
+        A phrase that lands mostly on the label's object is neither."""
+        own = [(r.phrase, load_mask(r.mask_png)) for r in self.ground(sample.image, named) if r.grounded and r.mask_png]
+        fg = self.object_mask(sample)
+        hits = sorted(((max(r.scores, default=0.0), i, r) for i, r in enumerate(self.ground(sample.image, phrases,
+                                                                                             exact=True))
+                       if r.grounded and r.mask_png), key=lambda t: (-t[0], t[1]))
+        found, same = [], {}
+        for _, _, region in hits:
+            mask = load_mask(region.mask_png)
+            if fg is not None and _overlap(mask, fg):
+                continue
+            match = next((phrase for phrase, m in own if _overlap(mask, m)), None)
+            if match is None:
+                found.append(region.phrase)
+                own.append((region.phrase, mask))
+            else:
+                same[region.phrase] = match
+        return Propagated(image=sample.image, tried=list(phrases), found=found, same=same)
+
+    def phrase_aliases(self) -> dict[str, str]:
+        """{phrase: alias group}: phrases that name the same thing by where the grounder finds them, whatever the
+        words. Two phrases are aliases when, looked for in images that name the other, each landed on the
+        other's region at least half the times it was looked for (and together at least probe.min_occurrences
+        times): "hut" finds the cottage, "cottage" the hut. A group is named by its most often named phrase."""
+        records = self.store.all("propagated", Propagated)
+        tries: Counter = Counter()
+        hits: Counter = Counter()
+        named: Counter = Counter()
+        norm = lexicon.normalize
+        for rec in records:
+            phrases = self.phrase_set(rec.image)
+            if phrases is None or phrases.failed:
+                continue
+            here = {norm(q) for q in [*phrases.foreground, *phrases.background[:1]]} - {norm(q) for q in rec.found}
+            named.update(here)
+            tries.update((norm(a), b) for a in rec.tried for b in here)
+            hits.update((norm(a), norm(b)) for a, b in rec.same.items())
+        parent: dict[str, str] = {}
+
+        def root(x: str) -> str:
+            while parent.get(x, x) != x:
+                x = parent[x]
+            return x
+
+        for a, b in sorted({tuple(sorted(k)) for k in hits}):
+            both = [(x, y) for x, y in ((a, b), (b, a)) if tries[(x, y)]]
+            if (hits[(a, b)] + hits[(b, a)] >= self.config.probe.min_occurrences and both
+                    and all(hits[(x, y)] >= 0.5 * tries[(x, y)] for x, y in both)):
+                ra, rb = root(a), root(b)
+                if ra != rb:
+                    parent[max(ra, rb, key=lambda r: (-named[r], r))] = min(ra, rb, key=lambda r: (-named[r], r))
+        return {x: root(x) for x in parent}
+
     # ------------------------------------------------------------ 4a/4b. ground and edit
-    def ground(self, image_key: str, phrases: Sequence[str]) -> list[Region]:
+    def ground(self, image_key: str, phrases: Sequence[str], exact: bool = False) -> list[Region]:
         """Regions for phrases in one image, cached in the store by (image, phrase)."""
         todo = [p for p in dict.fromkeys(phrases) if not self.store.has("region", f"{image_key}|{p}")]
         if todo:
             image = load_image(self.samples[image_key].path)
-            regions = self.tool("grounder").ground(image_key, image, todo, self.store.folder("masks"))
+            regions = self.tool("grounder").ground(image_key, image, todo, self.store.folder("masks"), exact=exact)
             self.store.put_many("region", [(f"{image_key}|{r.phrase}", r) for r in regions])
         return [self.store.get("region", f"{image_key}|{p}", Region) for p in phrases]
 
@@ -245,7 +365,7 @@ class ProbePipeline:
         """Removal of every foreground phrase and a change of the background, each with its control.
 
         `only_phrases` restricts the edits to {class index: phrase groups} (the agent's hypotheses)."""
-        sets = {p.image: p for p in self.extract_phrases()}
+        sets = self.phrase_sets()
         holdout = [s for s in self.holdout() if s.y in self.class_ids]
         with self.progress("editing", len(holdout)) as advance:
             for sample in holdout:
@@ -294,7 +414,7 @@ class ProbePipeline:
         among its phrases, else the extractor's background word; None when it has neither. Cached."""
         if key not in self._backgrounds:
             sample = self.samples[key]
-            phrases = self.store.get("phrases", key, PhraseSet)
+            phrases = self.phrase_set(key)
             found = None
             if phrases is not None and not phrases.failed:
                 candidates = [*phrases.foreground, *phrases.background[:1]]
@@ -752,7 +872,7 @@ class ProbePipeline:
     def findings(self) -> list[Finding]:
         """Findings from every probe (and, once `reprobe` scored every edit on another model, `after`)."""
         probes = self._current(self.store.all("probe", Probe))
-        groups = self.store.get_meta("background_groups")
+        groups = {**self.phrase_aliases(), **(self.store.get_meta("background_groups") or {})}
         findings = aggregate_findings(probes, self.class_names, self.config.probe, groups)
         self.store.set_meta("joint", joint_summary(probes, findings, self.class_names, ALL_CANDIDATES, self.seed))
         rescored = {p.edit_id: p for p in self.store.all("reprobe", Probe)}
@@ -802,12 +922,15 @@ class ProbePipeline:
         return self.findings()
 
     def counts(self) -> ProbeCounts:
-        regions = self.store.all("region", Region)
+        propagated = self.store.all("propagated", Propagated)
+        tried = {f"{p.image}|{q}" for p in propagated for q in p.tried}
+        regions = [r for r in self.store.all("region", Region) if f"{r.image}|{r.phrase}" not in tried]
         edits = self.store.all("edit", Edit)
         return ProbeCounts(
             holdout=len(self.store.get_meta("holdout", [])), captions=self.store.count("caption"),
             phrase_failures=sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed),
             regions=len(regions), not_grounded=sum(1 for r in regions if not r.grounded),
+            propagated=sum(len(p.found) for p in propagated),
             edits=sum(1 for e in edits if not e.control and e.test == "removal"),
             control_edits=sum(1 for e in edits if e.control and e.test == "removal"),
             insertion_edits=sum(1 for e in edits if e.test == "insertion"),
@@ -822,6 +945,11 @@ class ProbePipeline:
         self.test_further(self.findings())
         findings = self.findings()
         return ProbeResult(self.store.run_dir, findings, self.counts(), self.store.get_meta("joint", {}))
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two masks are mostly one region (intersection over union above one half)."""
+    return bool(np.logical_and(a, b).sum() > 0.5 * np.logical_or(a, b).sum())
 
 
 def _phrase_filter_key(only: Optional[dict[int, set[str]]], y: int) -> str:

@@ -448,13 +448,18 @@ def _remove_stale(out_dir: Path) -> None:
 def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[AspireConfig] = None, seed: int = 0, *,
                 groups: Optional[Collection[str]] = None, counts: Optional[Mapping[str, int]] = None,
                 progress: Optional[Progress] = None,
-                on_message: Optional[Callable[[str], None]] = None) -> AugmentResult:
+                on_message: Optional[Callable[[str], None]] = None, pipeline=None) -> AugmentResult:
     """Generate and commit the augmented set of a finished probe or audit run (see the module docstring).
 
     `groups`: finding keys (`class index|kind|phrase`) to generate from instead of `augment.select`'s rule
     (the agent passes the approved features). `counts`: {class name: at most this many images}; classes it
     does not name (or names with 0) are skipped. Messages (skipped classes, notes) go to `on_message`
-    (default: stderr); `progress(label, total)` is a context manager giving `advance(n)`."""
+    (default: stderr); `progress(label, total)` is a context manager giving `advance(n)`. `pipeline`: the
+    run's ProbePipeline when the caller holds one (the agent): its classifier and tools are used, not loaded again.
+
+    One stage's models at a time: the probe's tools are released before generation starts, the editor (which
+    inpaints a class's backgrounds) before the class's images are generated, and Stable Diffusion after each
+    class."""
     from aspire.progress import step_progress
     from aspire.workflows.probe import ProbePipeline
 
@@ -470,9 +475,11 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
     if store.count("finding") == 0:
         raise DataError(f"{store.run_dir}: the run has no findings yet; finish aspire probe or aspire audit first")
 
-    # 2. the run's dataset, classifier and tools; the selection
-    dataset, clf = load_inputs(args, device=config.generate.device)
-    pipeline = ProbePipeline(dataset, clf, config, store, classes=args.classes, seed=args.seed)
+    # 2. the run's dataset, classifier and tools (the caller's, when it holds them); the selection
+    if pipeline is None:
+        dataset, clf = load_inputs(args, device=config.generate.device)
+        pipeline = ProbePipeline(dataset, clf, config, store, classes=args.classes, seed=args.seed)
+    dataset, clf = pipeline.dataset, pipeline.classifier
     generic = groups is None and config.augment.select == "generic"
     if generic:
         selections, skipped = select_originals(store, pipeline.samples, clf.class_names, pipeline.class_ids,
@@ -525,8 +532,10 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
     per_image = (config.generate.images_per_class if config.generate.backend == "offline"
                  else config.generate.images_per_seed * len(config.generate.seeds))
     with atomic_dir(out_dir) as tmp:
+        pipeline.release()
         for sel in selections:
             job = sources.job(sel, notes)
+            pipeline.release()   # the backgrounds are inpainted: the editor's memory goes to Stable Diffusion
             sub = f"{IMAGE_DIR}/{sel.class_index:03d}-{class_slug(sel.class_name)}"
             class_rows = []
             limit = per_image if counts is None else min(per_image, int(counts[sel.class_name]))
@@ -549,6 +558,7 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
                         path.unlink()
                 if sum(dropped[sel.class_name].values()):
                     say(f"class {sel.class_name!r}: filter dropped {dropped[sel.class_name]}")
+            generator.release()   # the next class's backgrounds (the editor) do not share the GPU with it
             per_class[sel.class_name] = len(class_rows)
             rows += class_rows
         if not rows:

@@ -5,8 +5,11 @@ Files under the output folder:
                         has_<element> (0/1) for every element
   classes.txt           one class name per line (index = y)
   images/<split>/*.png  the images
-  annotations.jsonl     {"image", "caption", "regions": [{"phrase", "mask"}]}, mask paths relative to the root
-  masks/<split>/*.png   0/255 masks of the image size: every mentioned region, and every counterfactual's region
+  annotations.jsonl     {"image", "caption", "regions": [{"phrase", "mask"}]}, mask paths relative to the root: the
+                        caption's phrases first, then every visible thing under each of its names (a complete
+                        segmentation: the annotations grounder finds what a caption left out, as GroundingDINO
+                        would)
+  masks/<split>/*.png   0/255 masks of the image size: every visible thing, and every counterfactual's region
   counterfactuals.csv   img_filename, source_filename, y, element, change (remove|swap), replacement, mask
   counterfactuals/*.png the test images re-rendered without one element, or on the other place
   ground_truth.json     per class the planted spurious elements (phrases, kind, strengths), the distractors,
@@ -34,7 +37,7 @@ from PIL import Image
 from aspire.atomic import atomic_dir
 from aspire.data.toy.art import ELEMENTS
 from aspire.data.toy.captions import make_caption
-from aspire.data.toy.render import PLACE, render, render_variants
+from aspire.data.toy.render import OBJECT, PLACE, render, render_variants
 from aspire.data.toy.scenes import SPLIT_CODE, Scene, sample_scenes, split_sizes
 from aspire.data.toy.spec import SPLITS, BenchmarkSpec, multiclass_spec, waterbirds_spec
 from aspire.errors import ConfigError, DataError
@@ -167,9 +170,11 @@ def _write_scene(spec: BenchmarkSpec, scene: Scene, root: Path, size_px: int) ->
             _png(root / mask_paths[owner], np.where(r.masks[owner], 255, 0).astype(np.uint8))
         return mask_paths[owner]
 
-    # 2. caption with a mask per mentioned region
+    # 2. caption with a mask per mentioned region, then every visible thing under each of its names
     caption, mentions = make_caption(spec, scene, shown)
-    ann = {"image": image, "caption": caption, "regions": [{"phrase": ph, "mask": mask(o)} for ph, o in mentions]}
+    names = [(ph, o) for o in sorted(shown) for ph in _names(spec, scene, o) if (ph, o) not in mentions]
+    ann = {"image": image, "caption": caption,
+           "regions": [{"phrase": ph, "mask": mask(o)} for ph, o in [*mentions, *names]]}
 
     # 3. metadata row
     place_index = [p.name for p in spec.places].index(scene.place)
@@ -190,6 +195,16 @@ def _write_scene(spec: BenchmarkSpec, scene: Scene, root: Path, size_px: int) ->
                         "element": scene.place if swap else n, "change": "swap" if swap else "remove",
                         "replacement": scene.alt_place if swap else "", "mask": mask(n)})
     return meta, ann, cfs
+
+
+def _names(spec: BenchmarkSpec, scene: Scene, owner: str) -> tuple[str, ...]:
+    """Every phrase that names a visible thing: the class's object phrases, the place's, an element's (the sky
+    has none)."""
+    if owner == OBJECT:
+        return spec.classes[scene.y].phrases
+    if owner == PLACE:
+        return next(p for p in spec.places if p.name == scene.place).phrases
+    return next((e.phrases for e in spec.elements if e.name == owner), ())
 
 
 def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
