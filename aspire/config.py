@@ -27,6 +27,9 @@ class HoldoutSettings(Settings):
     min_per_class: int = Field(100, ge=1, description="at least this many per class (when the class has them): "
                                "a phrase group needs enough paired edits for its test to reach significance")
     max_per_class: int = Field(200, ge=1)
+    min_group_images: int = Field(20, ge=0, description="a phrase group shown in fewer of a class's hold-out images "
+                                  "gets more: the class's other correctly classified training images are searched "
+                                  "for it (grounding its phrase), up to max_per_class images in all (0: off)")
     seed: int = 0
 
 

@@ -41,6 +41,8 @@ RUN_META = (
     Entry("record", "CLI", "reproducibility record (aspire/provenance.py): python, platform, packages, prompt hashes, "
                            "config, seed, classifier"),
     Entry("holdout", "probe step 1", "list of image keys (D_hold)"),
+    Entry("holdout_extension", "probe step 1b", "`{class: [image keys]}`: training images that joined the hold-out "
+                                                 "because they show a group too rare in it"),
     Entry("background_groups", "probe step 4b", "`{background phrase: group}`: near-duplicates merged, then groups "
                                                 "whose regions look alike (colour histograms); donors and findings use it"),
     Entry("joint_sets", "probe joint removal", "`{class index: tag}`: the candidate set whose joint pairs the findings "
@@ -82,6 +84,7 @@ RUN_RECORDS = (
 )
 RUN_EVENTS = (
     Entry("holdout", "probe step 1", "`{n, classes}`"),
+    Entry("holdout_extended", "probe step 1b", "`{class: images added}`"),
     Entry("phrase_failure", "probe step 3", "`{image, reason}`"),
     Entry("not_grounded", "probe step 4a", "`{image, phrase, reason}`"),
     Entry("kind_from_mask", "probe step 4a", "`{image, phrase, extractor, mask}`: the mask decided another kind "

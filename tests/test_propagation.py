@@ -118,3 +118,37 @@ def test_exact_grounding_takes_no_near_duplicate(tmp_path):
     assert not exact.grounded   # but looked for where no caption said it, only the same words count
     same, = grounder.ground("a.png", image, ["snowfields"], tmp_path / "out", exact=True)
     assert same.grounded   # the same words, plural or not
+
+
+def test_a_group_too_rare_in_the_holdout_gets_more_images(tmp_path):
+    """Widgets show a red block in every other image; a hold-out of 7 widgets (of 12) holds too few of them, so
+    the other widget images are searched for the block and those showing it join the hold-out."""
+    from test_probe_evidence import make_world as block_world
+
+    world = block_world(tmp_path / "w", big_block=False, n_per_class=12)
+    ann = str(world / "annotations.jsonl")
+    settings = {"caption": {"annotations": ann}, "ground": {"annotations": ann, "dilation_px": 0},
+                "probe": {"min_occurrences": 2}}
+
+    def probe(run: str, min_group_images: int) -> ProbePipeline:
+        cfg = load_config(None, {**settings, "holdout": {"fraction": 0.01, "min_per_class": 7, "max_per_class": 12,
+                                                         "min_group_images": min_group_images}})
+        pipeline = ProbePipeline(load_dataset(world), GradedWidget(), cfg, RunStore(tmp_path / run), seed=0)
+        pipeline.run()
+        return pipeline
+
+    def widgets_with_block(pipeline) -> list[str]:
+        return [k for k in pipeline.store.get_meta("holdout") if pipeline.samples[k].y == 1
+                and "red block" in pipeline.phrase_set(k).foreground]
+
+    plain = probe("plain", 0)
+    assert plain.store.get_meta("holdout_extension") is None and len(plain.store.get_meta("holdout")) == 14
+    before = len(widgets_with_block(plain))
+    assert 2 <= before < 6   # frequent enough to be a group (probe.min_occurrences), too rare to test well
+    extended = probe("extended", 6)
+    added = extended.store.get_meta("holdout_extension")
+    assert set(added) == {"widget"}   # gizmos show no group at all
+    assert len(widgets_with_block(extended)) == 6 and len(added["widget"]) == 6 - before
+    block = next(f for f in extended.findings() if f.class_ == "widget" and f.phrase == "red block")
+    assert block.pairs == 6 and block.effect == pytest.approx(0.3, abs=1e-6)
+    assert any(e["widget"] == 6 - before for e in extended.store.events("holdout_extended"))

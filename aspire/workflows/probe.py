@@ -247,7 +247,8 @@ class ProbePipeline:
         objects excepted) is grounded in each probed hold-out image that names none of the group. Where the
         grounder finds it, in a region the image does not already name under another phrase, it joins the
         image's phrases; its mask decides its kind, as for every phrase. Recorded per image (record
-        `propagated`); `probe.propagate = false` turns it off."""
+        `propagated`); `probe.propagate = false` turns it off. Then groups still too rare in a class get more
+        images (`_extend_holdout`)."""
         sets = {p.image: p for p in self.extract_phrases() if p is not None}
         if not self.config.probe.propagate:
             return sets
@@ -274,7 +275,60 @@ class ProbePipeline:
                     except ITEM_ERRORS as e:   # the image's edits will meet the same failure; --retry-skipped
                         self._failed("edit", self.samples[key], "", e)
                     advance(1)
+        if self._extend_holdout(frequent, group_of):   # the new images are captioned and grounded like the others
+            return self.phrase_sets()
         return {k: self.phrase_set(k) or p for k, p in sets.items()}
+
+    def _extend_holdout(self, frequent: Sequence[str], group_of: dict[str, str]) -> bool:
+        """Step 1b, once per run: a frequent phrase group named in some but fewer than holdout.min_group_images of a
+        class's hold-out images is too rare there for its test to reach significance. So the class's other
+        correctly classified training images are searched for it (its phrase grounded in them, in shuffled order),
+        and those that show it join the hold-out, until each such group has its images, the class has
+        holdout.max_per_class images, or the class has no more. Which images join depends only on what they
+        show, never on an edit's outcome. Recorded in meta `holdout_extension`; returns whether any joined."""
+        target = self.config.holdout.min_group_images
+        if target <= 0 or self.store.get_meta("holdout_extension") is not None:
+            return False
+        chosen = list(self.store.get_meta("holdout", []))
+        prober: Prober = self.tool("prober")
+        added: dict[str, list[str]] = {}
+        for y in self.class_ids:
+            mine = [k for k in chosen if self.samples[k].y == y]
+            shown = Counter(g for k in mine if (p := self.phrase_set(k)) is not None and not p.failed
+                            for g in {group_of.get(lexicon.normalize(q), lexicon.normalize(q))
+                                      for q in [*p.foreground, *p.background[:1]]})
+            need = {g: target - shown[g] for g in frequent if 0 < shown[g] < target}
+            room = self.config.holdout.max_per_class - len(mine)
+            taken = set(chosen)
+            pool = sorted(s.image for s in self.dataset.split("train")
+                          if s.y == y and not s.synthetic and s.image not in taken)
+            random.Random(derive_seed(self.config.holdout.seed + self.seed, "extend", y)).shuffle(pool)
+            step = self.config.probe.batch_size
+            for start in range(0, len(pool), step):
+                if not need or room <= 0:
+                    break
+                chunk = [self.samples[k] for k in pool[start:start + step]]
+                preds = prober.predict([s.path for s in chunk], [s.y for s in chunk])
+                self.store.put_many("prediction", [(s.image, p) for s, p in zip(chunk, preds)])
+                for sample, pred in zip(chunk, preds):
+                    if pred.pred != y or not need or room <= 0:
+                        continue
+                    try:
+                        found = self._ground_missing(sample, [], list(need)).found
+                    except ITEM_ERRORS:
+                        continue
+                    if found:
+                        added.setdefault(self.class_names[y], []).append(sample.image)
+                        room -= 1
+                        for g in found:
+                            need[g] -= 1
+                        need = {g: n for g, n in need.items() if n > 0}
+        extension = {name: sorted(keys) for name, keys in added.items()}
+        self.store.set_meta("holdout", chosen + [k for keys in extension.values() for k in keys])
+        self.store.set_meta("holdout_extension", extension)
+        if extension:
+            self.store.log_event("holdout_extended", {c: len(k) for c, k in extension.items()})
+        return bool(extension)
 
     def phrase_set(self, key: str) -> Optional[PhraseSet]:
         """An image's recorded phrases with those grounded in it by `phrase_sets` (as foreground: the mask decides)."""
@@ -922,12 +976,15 @@ class ProbePipeline:
         return self.findings()
 
     def counts(self) -> ProbeCounts:
+        # the regions of the hold-out's phrases: not the searches for what captions left out (step 1b, 3b)
         propagated = self.store.all("propagated", Propagated)
-        tried = {f"{p.image}|{q}" for p in propagated for q in p.tried}
-        regions = [r for r in self.store.all("region", Region) if f"{r.image}|{r.phrase}" not in tried]
+        searched = {f"{p.image}|{q}" for p in propagated for q in p.tried if q not in p.found}
+        holdout = set(self.store.get_meta("holdout", []))
+        regions = [r for r in self.store.all("region", Region)
+                   if r.image in holdout and f"{r.image}|{r.phrase}" not in searched]
         edits = self.store.all("edit", Edit)
         return ProbeCounts(
-            holdout=len(self.store.get_meta("holdout", [])), captions=self.store.count("caption"),
+            holdout=len(holdout), captions=self.store.count("caption"),
             phrase_failures=sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed),
             regions=len(regions), not_grounded=sum(1 for r in regions if not r.grounded),
             propagated=sum(len(p.found) for p in propagated),
