@@ -76,7 +76,21 @@ class GroundSettings(Settings):
     device: Optional[str] = None
 
 
-class EditSettings(Settings):
+Precision = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+class DiffusionMemory(Settings):
+    """Memory switches of a Stable Diffusion pipeline, for small GPUs (all off by default but the half precision
+    that `dtype = "auto"` picks on a GPU)."""
+
+    dtype: Precision = Field("auto", description="weights' precision: auto = float16 on a GPU, float32 on the CPU")
+    attention_slicing: bool = Field(False, description="attention in slices: less memory, a little slower")
+    vae_tiling: bool = Field(False, description="the VAE decodes and encodes in tiles (large images)")
+    cpu_offload: bool = Field(False, description="enable_model_cpu_offload (accelerate): each model moves to the GPU "
+                                                 "only while it runs; needs a CUDA device")
+
+
+class EditSettings(DiffusionMemory):
     remove_backend: Literal["opencv", "sd-inpaint", "lama"] = "opencv"
     background_backend: Literal["replace", "instruct-pix2pix"] = "replace"
     inpaint_model_id: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"
@@ -160,8 +174,11 @@ class AgentSettings(Settings):
     device: Optional[str] = Field(None, description="retraining and evaluation device; default: the best available")
 
 
-class GenerateSettings(Settings):
+class GenerateSettings(DiffusionMemory):
     """Step 5: images of a class without its spurious features (tools/generate.py)."""
+
+    gradient_checkpointing: bool = Field(False, description="textual inversion: recompute the UNet's and text "
+                                         "encoder's activations in the backward pass (less memory, slower)")
 
     backend: Literal["offline", "textual-inversion"] = Field(
         "offline", description="offline: recombination of flipped edits; textual-inversion: Stable Diffusion")

@@ -34,9 +34,27 @@ def pick_device(preferred: Optional[str] = None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on GPU, full precision on CPU."""
+def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """`precision` ("float16", "bfloat16", "float32"); "auto": half precision on GPU, full precision on CPU."""
+    if precision != "auto":
+        return getattr(torch, precision)
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def place_pipeline(pipe, device: torch.device, memory, what: str):
+    """A diffusers pipeline on `device` with the memory switches of `memory` (config.DiffusionMemory)."""
+    if memory.attention_slicing:
+        pipe.enable_attention_slicing()
+    if memory.vae_tiling:
+        pipe.vae.enable_tiling()
+    if not memory.cpu_offload:
+        return pipe.to(device)
+    if device.type != "cuda":
+        from aspire.errors import ConfigError
+
+        raise ConfigError(f"{what}.cpu_offload needs a CUDA device (this run's is {device}); turn it off")
+    pipe.enable_model_cpu_offload(device=device)
+    return pipe
 
 
 def pixel_dtype(model: torch.nn.Module) -> torch.dtype:

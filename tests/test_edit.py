@@ -295,3 +295,26 @@ def test_as_tool(tmp_path):
     assert out["image"] == "img.png" and Path(out["edited_png"]).is_file()
     err = tool.invoke({"image_path": "img.png", "mask_png": "missing.png", "phrase": "red box", "kind": "foreground"})
     assert "DataError" in err and "missing.png" in err
+
+
+def test_diffusion_memory_switches(tiny_pipes, tmp_path):
+    """Attention slicing and VAE tiling are applied and still edit; a chosen precision loads the weights in it;
+    model CPU offload needs a CUDA device and says so in one line on the CPU."""
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    from aspire.errors import ConfigError
+
+    image, mask = scene()
+    common = dict(remove_backend="sd-inpaint", inpaint_model_id=str(tiny_pipes[0]), num_inference_steps=1,
+                  working_size_px=32, device="cpu")
+    editor = Editor(EditSettings(attention_slicing=True, vae_tiling=True, dtype="bfloat16", **common))
+    edit = editor.remove("img.png", image, mask, "red box", 0, tmp_path)
+    assert arr(edit.edited_png).shape == np.asarray(image).shape
+    pipe = editor._inpaint_pipe
+    assert pipe.vae.use_tiling and pipe.unet.dtype == torch.bfloat16
+    assert any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values())
+    default = Editor(EditSettings(**common))
+    default.remove("img.png", image, mask, "red box", 0, tmp_path / "default")
+    assert default._inpaint_pipe.unet.dtype == torch.float32 and not default._inpaint_pipe.vae.use_tiling
+    with pytest.raises(ConfigError, match=r"edit.cpu_offload needs a CUDA device \(this run's is cpu\)"):
+        Editor(EditSettings(cpu_offload=True, **common)).remove("img.png", image, mask, "red box", 0, tmp_path / "o")

@@ -80,6 +80,19 @@ def test_textual_inversion_trains_only_the_new_token_saves_reloads_and_generates
     assert np.abs(alone - np.asarray(images[0], dtype=float)).mean() <= (0.0 if DEVICE == "cpu" else 1.0)
 
 
+def test_gradient_checkpointing_learns_the_same_token(tiny_sd, tmp_path):
+    """Recomputing activations in the backward pass saves memory and changes nothing: the same embedding."""
+    token = token_for("water bird", 0)
+    plain = Generator(ti_settings(tiny_sd)).learn_token(random_images(3), token, 0, tmp_path / "plain.safetensors")
+    saving = Generator(ti_settings(tiny_sd, gradient_checkpointing=True))
+    checked = saving.learn_token(random_images(3), token, 0, tmp_path / "checked.safetensors")
+    assert saving._frozen[1].is_gradient_checkpointing and saving.last_text_encoder.is_gradient_checkpointing
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(plain.embedding_file))[token], load_file(str(checked.embedding_file))[token]
+    assert torch.allclose(a, b, atol=1e-6) and checked.losses == pytest.approx(plain.losses, abs=1e-6)
+
+
 def test_learned_token_is_reused_and_generate_yields_records(tiny_sd, tmp_path, monkeypatch):
     gen = Generator(ti_settings(tiny_sd))
     job = ClassJob(1, "waterbird", [SourceEdit(f"e{i}", f"img{i}.png", np.asarray(im))

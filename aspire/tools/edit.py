@@ -509,16 +509,16 @@ class Editor:
     def _load_pipeline(self, cls_name: str, model_id: str):
         import diffusers
 
-        from aspire.devices import pick_dtype
+        from aspire.devices import pick_dtype, place_pipeline
 
         device = self._torch_device()
         try:
             pipe = getattr(diffusers, cls_name).from_pretrained(
-                model_id, dtype=pick_dtype(device), safety_checker=None, feature_extractor=None,
+                model_id, dtype=pick_dtype(device, self.settings.dtype), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False)
-            pipe = pipe.to(device)
         except Exception as e:  # noqa: BLE001 - hub, file and config errors all mean "cannot load"
             raise ModelLoadError(f"cannot load {cls_name} model {model_id!r} ({describe(e)})") from None
+        pipe = place_pipeline(pipe, device, self.settings, "edit")
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -345,6 +345,8 @@ class Generator:
         text_model.final_layer_norm.requires_grad_(False)
         text_model.embeddings.position_embedding.requires_grad_(False)
         text_encoder.to(device).train()
+        if s.gradient_checkpointing:
+            text_encoder.gradient_checkpointing_enable()
         original = embeddings.weight.detach().clone()
         keep = torch.ones(len(tokenizer), dtype=torch.bool, device=original.device)
         keep[token_id] = False
@@ -474,6 +476,8 @@ class Generator:
             vae = self._from_pretrained(AutoencoderKL, "vae", dtype=dtype).to(device).requires_grad_(False).eval()
             unet = self._from_pretrained(UNet2DConditionModel, "unet", dtype=dtype).to(device).requires_grad_(False)
             unet.eval()
+            if self.settings.gradient_checkpointing:   # frozen, but the token's gradient flows through it
+                unet.enable_gradient_checkpointing()
             scheduler = self._from_pretrained(DDPMScheduler, "scheduler")
             self._frozen = (vae, unet, scheduler, dtype)
         return self._frozen
@@ -489,13 +493,13 @@ class Generator:
         if self._pipe is None:
             from diffusers import StableDiffusionPipeline
 
-            from aspire.devices import pick_dtype
+            from aspire.devices import pick_dtype, place_pipeline
 
             device = self._torch_device()
             self._free_memory(keep_pipeline=True)  # training weights are not needed any more
-            pipe = self._from_pretrained(StableDiffusionPipeline, None, dtype=pick_dtype(device), safety_checker=None,
-                                         feature_extractor=None, requires_safety_checker=False)
-            pipe = pipe.to(device)
+            pipe = self._from_pretrained(StableDiffusionPipeline, None, dtype=pick_dtype(device, self.settings.dtype),
+                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            pipe = place_pipeline(pipe, device, self.settings, "generate")
             pipe.set_progress_bar_config(disable=True)
             self._pipe = pipe
         return self._pipe
