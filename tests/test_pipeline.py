@@ -6,12 +6,10 @@ cube must flip it (a spurious finding for widget), removing the blue disk must n
 the same area elsewhere must not either.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from aspire.config import load_config
 from aspire.data import load_dataset
@@ -19,6 +17,7 @@ from aspire.workflows.probe import ProbePipeline
 from aspire.schemas import Edit, Probe
 from aspire.store import RunStore
 from known_classifier import RedMeansWidget
+from worlds import write_world
 
 SIZE = 64
 
@@ -36,9 +35,7 @@ def _disk(cy, cx, r):
 
 def make_world(root: Path, n_per_class: int = 12, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rows, ann = ["img_filename,y,split"], []
+    items = []
     for i in range(2 * n_per_class):
         y = i % 2
         img = np.full((SIZE, SIZE, 3), 128, np.uint8) + rng.integers(0, 8, (SIZE, SIZE, 3), dtype=np.uint8)
@@ -55,19 +52,8 @@ def make_world(root: Path, n_per_class: int = 12, seed: int = 0) -> Path:
             img[cube] = (220, 20, 20)
             regions.append(("red cube", cube))
             mentions.insert(0, "a red cube")
-        name = f"images/{i:03d}.png"
-        Image.fromarray(img).save(root / name)
-        entry = {"image": name, "caption": f"a {'widget' if y else 'gizmo'} with {' and '.join(mentions)}", "regions": []}
-        for phrase, mask in regions:
-            mpath = f"masks/{i:03d}_{phrase.replace(' ', '_')}.png"
-            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(root / mpath)
-            entry["regions"].append({"phrase": phrase, "mask": mpath})
-        ann.append(entry)
-        rows.append(f"{name},{y},0")
-    rows.append("images/000.png,0,2")
-    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-    (root / "classes.txt").write_text("gizmo\nwidget\n")
-    (root / "annotations.jsonl").write_text("\n".join(json.dumps(a) for a in ann) + "\n")
+        items.append((img, y, 0, f"a {'widget' if y else 'gizmo'} with {' and '.join(mentions)}", regions))
+    write_world(root, items, extra_rows=["images/000.png,0,2"])
     return root
 
 

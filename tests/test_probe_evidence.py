@@ -4,12 +4,10 @@ appearance, the insertion test and joint removal."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from aspire.config import ProbeSettings, load_config
 from aspire.data import load_dataset
@@ -20,6 +18,7 @@ from aspire.tools.ground import region_kind
 from aspire.tools.probe import aggregate_findings, colour_histogram, merge_by_appearance, min_testable_pairs, q_values
 from known_classifier import GradedWidget
 from test_pipeline import _square as _box
+from worlds import write_world
 
 SIZE = 64
 
@@ -111,9 +110,7 @@ def make_world(root: Path, *, big_block: bool, n_per_class: int = 12) -> Path:
     """Grey images; gizmos carry a green object, widgets a grey one, a blue mark (top right) and, in every other
     widget image, a red block: small (corner) or big (most of the image, no room for a same-area control)."""
     rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rows, ann = ["img_filename,y,split"], []
+    items = []
     for i in range(2 * n_per_class):
         y = i % 2
         img = np.full((SIZE, SIZE, 3), 128, np.uint8) + rng.integers(0, 8, (SIZE, SIZE, 3), dtype=np.uint8)
@@ -132,19 +129,9 @@ def make_world(root: Path, *, big_block: bool, n_per_class: int = 12) -> Path:
                 img[block] = (220, 20, 20)
                 regions.append(("red block", block))
                 words.append("a red block")
-        name = f"images/{i:03d}.png"
-        Image.fromarray(img).save(root / name)
-        entry = {"image": name, "caption": f"a {'widget' if y else 'gizmo'}" + (" with " + " and ".join(words) if words else ""),
-                 "regions": []}
-        for phrase, mask in regions:
-            mpath = f"masks/{i:03d}_{phrase.replace(' ', '_')}.png"
-            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(root / mpath)
-            entry["regions"].append({"phrase": phrase, "mask": mpath})
-        ann.append(entry)
-        rows.append(f"{name},{y},0")
-    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-    (root / "classes.txt").write_text("gizmo\nwidget\n")
-    (root / "annotations.jsonl").write_text("\n".join(json.dumps(a) for a in ann) + "\n")
+        caption = f"a {'widget' if y else 'gizmo'}" + (" with " + " and ".join(words) if words else "")
+        items.append((img, y, 0, caption, regions))
+    write_world(root, items)
     return root
 
 

@@ -17,6 +17,7 @@ from aspire.tools.ground import Grounder
 from aspire.workflows.probe import ProbePipeline
 from known_classifier import GradedWidget
 from test_pipeline import _square as _box
+from worlds import write_world
 
 SIZE = 64
 N_PER_CLASS = 16
@@ -27,9 +28,7 @@ def make_world(root: Path) -> Path:
     in every other image, as "blue mark" or "azure dot" in turn; the annotations segment every image whole: the
     mark under both names, whatever the caption said."""
     rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rows, ann = ["img_filename,y,split"], []
+    items = []
     for i in range(2 * N_PER_CLASS):
         y = i % 2
         img = np.full((SIZE, SIZE, 3), 128, np.uint8) + rng.integers(0, 8, (SIZE, SIZE, 3), dtype=np.uint8)
@@ -45,19 +44,8 @@ def make_world(root: Path) -> Path:
                 caption += f" with a {said}"
             regions += [(said, mark)] if said else []
             regions += [(name, mark) for name in ("blue mark", "azure dot") if name != said]
-        name = f"images/{i:03d}.png"
-        Image.fromarray(img).save(root / name)
-        entry = {"image": name, "caption": caption, "regions": []}
-        for phrase, mask in regions:
-            mpath = f"masks/{i:03d}_{phrase.replace(' ', '_')}.png"
-            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(root / mpath)
-            entry["regions"].append({"phrase": phrase, "mask": mpath})
-        ann.append(entry)
-        rows.append(f"{name},{y},0")
-    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-    (root / "classes.txt").write_text("gizmo\nwidget\n")
-    (root / "annotations.jsonl").write_text("\n".join(json.dumps(a) for a in ann) + "\n")
-    return root
+        items.append((img, y, 0, caption, regions))
+    return write_world(root, items)
 
 
 def _probe(world: Path, run_dir: Path, propagate: bool):
