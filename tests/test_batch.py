@@ -56,7 +56,7 @@ def toy(tmp_path_factory):
 
 def batch_args(toy: Path, out: Path, *extra: str, data: Path | None = None) -> list[str]:
     return ["batch", "--data", str(data or toy / "data"), "--attr", "attr", "--model", str(toy / "model.pt"),
-            "--config", str(toy / "config.json"), "--out", str(out), "--json", *extra]
+            "--config", str(toy / "config.json"), "--run-dir", str(out), "--json", *extra]
 
 
 def invoke(args: list[str]):
@@ -105,6 +105,15 @@ def test_ray_missing_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` raises ImportError
     with pytest.raises(ConfigError, match=r"--executor ray needs Ray: pip install"):
         make_executor(BatchSettings(executor="ray"), tmp_path)
+
+
+def test_batch_takes_run_dir_like_probe_and_audit_and_still_out():
+    from typer.main import get_command
+
+    from aspire import cli
+
+    option = next(p for p in get_command(cli.app).commands["batch"].params if p.name == "out_dir")
+    assert option.opts[:2] == ["--run-dir", "--out"]
 
 
 # ---------------------------------------------------------------- a batch in-process

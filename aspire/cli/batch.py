@@ -34,8 +34,8 @@ def batch_cmd(
     retries: Optional[int] = typer.Option(None, "--retries", min=0, help="retries of a failed class (default: batch.retries, 1)"),
     repair: bool = typer.Option(False, "--repair", help="generate images per class from its spurious findings, then "
                                 "retrain ONE classifier on the union and evaluate it"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="batch folder (default: runs/batch-<time>); an existing "
-                                           "one is resumed"),
+    out_dir: Optional[Path] = typer.Option(None, "--run-dir", "--out", help="batch folder (default: "
+                                           "runs/batch-<time>); an existing one is resumed (--out: the old name)"),
     config_file: ConfigFile = None,
     seed: Seed = 0,
     offline: Offline = False,
