@@ -358,6 +358,11 @@ def test_far_filter_drops_exactly_the_images_beyond_the_limit(tmp_path):
 
 
 def test_bad_runs(run, tmp_path):
+    from aspire.errors import ConfigError
+
+    for inside in ("", "edits", "augmented/x"):   # only RUN/augmented itself (the audit's set) is allowed inside
+        with pytest.raises(ConfigError, match=r"--out must be outside the run folder .* \(or its augmented/\)"):
+            augment_run(run / "run", run / "run" / inside)
     with pytest.raises(DataError, match="not a run folder"):
         augment_run(tmp_path / "nothing", tmp_path / "aug")
     assert not (tmp_path / "nothing").exists()

@@ -181,6 +181,7 @@ def test_audit_with_every_real_backend_generates_retrains_and_reports(setup, tmp
     assert code == 0, err
     result = json.loads(out)
     assert result["augmented"]["n_images"] > 0
+    assert Path(result["augmented"]["dir"]) == run.resolve() / "augmented"   # everything inside the run folder
     manifest = json.loads(Path(result["augmented"]["dir"], "manifest.json").read_text())
     assert {img["generator"] for img in manifest["images"]} == {"textual-inversion"}
     assert Path(result["models"]["after"]).is_file()

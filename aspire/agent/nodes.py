@@ -377,8 +377,10 @@ def commit(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
 
 # ---------------------------------------------------------------- repair
 def augmented_dir(store) -> Path:
-    """Where the augmented set is committed: beside the run folder (augment refuses a folder inside it)."""
-    return store.run_dir.parent / f"{store.run_dir.name}-augmented"
+    """Where the audit commits its augmented set: inside its run folder, like everything it writes."""
+    from aspire.workflows.repair import RUN_SET
+
+    return store.run_dir / RUN_SET
 
 
 def generate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:

@@ -437,6 +437,9 @@ def _inputs_digest(store: RunStore, args: dict, selections: Sequence[ClassSelect
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+RUN_SET = "augmented"  # the one folder inside a run an augmented set may be committed to (the audit's own)
+
+
 def _remove_stale(out_dir: Path) -> None:
     """Temporary folders of a commit to `out_dir` that was killed (atomic_dir names them `.NAME.*.tmp`)."""
     if out_dir.parent.is_dir():
@@ -469,8 +472,8 @@ def augment_run(run_dir: str | Path, out_dir: str | Path, config: Optional[Aspir
     config = config or run_config(run_dir)
     store = existing_run(run_dir)
     out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir == store.run_dir or store.run_dir in out_dir.parents:
-        raise ConfigError(f"{out_dir}: --out must be outside the run folder {store.run_dir}")
+    if out_dir != store.run_dir / RUN_SET and (out_dir == store.run_dir or store.run_dir in out_dir.parents):
+        raise ConfigError(f"{out_dir}: --out must be outside the run folder {store.run_dir} (or its {RUN_SET}/)")
     args = recorded_args(store)
     if store.count("finding") == 0:
         raise DataError(f"{store.run_dir}: the run has no findings yet; finish aspire probe or aspire audit first")
