@@ -37,6 +37,14 @@ def answer(body: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    root, planted, server = build_world(tmp_path_factory.mktemp("real"))
+    yield root, planted
+    server.__exit__(None, None, None)
+
+
+def build_world(root: Path) -> tuple[Path, str, LoopbackLLM]:
+    """Under `root`: a tiny toy-waterbirds with a planted whole-image mask, its smallcnn, the tiny models and
+    config.json selecting them; returns the planted image and the running loopback LLM (exit it when done)."""
     from tiny_caption import build_tiny_git
     from tiny_diffusers import build_tiny_pix2pix, build_tiny_sd, build_tiny_sd_inpaint
 
@@ -46,7 +54,6 @@ def setup(tmp_path_factory):
     from aspire.models.evaluate import predict_samples
     from aspire.models.train import train_classifier
 
-    root = tmp_path_factory.mktemp("real")
     write_benchmark("toy-waterbirds", root / "data", seed=0, size_px=32, sizes={"train": 6, "val": 2, "test": 2})
     ds = load_dataset(root / "data")
     clf = build_classifier("smallcnn", ds.class_names, input_size=32, seed=0)
@@ -77,8 +84,7 @@ def setup(tmp_path_factory):
         "augment": {"select": "flipping", "filter": False},
     }
     (root / "config.json").write_text(json.dumps(config))
-    yield root, planted
-    server.__exit__(None, None, None)
+    return root, planted, server
 
 
 def plant_whole_image_mask(data: Path, image: str) -> None:

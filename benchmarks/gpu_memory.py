@@ -1,0 +1,149 @@
+"""Memory per stage of an audit with the real backends: which models are alive, their weights, and the peak.
+
+The run is the real-backend test's world (tests/test_real_backends.py `build_world`): tiny random-weight models
+saved to folders (GIT captions, LLM phrases over a loopback server, Stable Diffusion inpainting and
+InstructPix2Pix edits, textual inversion + Stable Diffusion), a tiny toy-waterbirds and its smallcnn. The
+stages run as the audit runs them: caption → phrases and propagation → edits → probe and the further tests →
+generation → retraining. A sampler thread looks at every live torch module every few milliseconds (the
+garbage collector's view: a released model that something still references is counted) and keeps, per stage,
+the largest sum of their weights and the model classes alive then. On CUDA it also reports
+torch.cuda.max_memory_allocated per stage (reset at each stage's start); on the CPU the process's peak resident
+set size after the stage (it only grows). With tiny models the bytes are small: the table says what is alive
+when, which decides the peak with real models.
+
+    python benchmarks/gpu_memory.py [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def alive() -> dict[str, int]:
+    """{model class: bytes of its weights} over the live torch modules that are no other module's part."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():   # isinstance on some lazy module attributes warns of deprecations
+        warnings.simplefilter("ignore")
+        modules = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]
+    parts = {id(c) for m in modules for c in m.children()}
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for m in modules:
+        if id(m) in parts:
+            continue
+        n = 0
+        for t in [*m.parameters(), *m.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                n += t.numel() * t.element_size()
+        if n:
+            out[type(m).__name__] = out.get(type(m).__name__, 0) + n
+    return out
+
+
+class Sampler:
+    """Per stage: the largest sum of live weights, and the model classes alive at that moment."""
+
+    def __init__(self, every_s: float = 0.01):
+        self.stage, self.rows, self.every_s = None, [], every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            stage = self.stage
+            if stage is not None:
+                now = alive()
+                if sum(now.values()) >= stage["bytes"]:
+                    stage.update(bytes=sum(now.values()), alive=now)
+            time.sleep(self.every_s)
+
+    @contextlib.contextmanager
+    def measure(self, name: str):
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.stage = {"stage": name, "bytes": 0, "alive": {}}
+        started = time.perf_counter()
+        yield
+        time.sleep(3 * self.every_s)   # at least one sample after the stage's last step
+        row, self.stage = self.stage, None
+        row.update(seconds=round(time.perf_counter() - started, 1),
+                   cuda_peak_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+                   rss_peak_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        self.rows.append(row)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_real_backends import build_world
+
+    from aspire.config import load_config
+    from aspire.models.classifier import build_classifier
+    from aspire.models.train import train_classifier
+    from aspire.workflows.probe import ProbePipeline
+    from aspire.workflows.repair import augment_run, finding_key
+    from aspire.workflows.runs import RunArgs, load_inputs, open_run
+
+    root, _, server = build_world(Path(tempfile.mkdtemp(prefix="aspire-memory-")))
+    config = json.loads((root / "config.json").read_text())
+    for concern in ("caption", "ground", "edit", "generate"):
+        config[concern]["device"] = args.device
+    cfg = load_config(None, config)
+    inputs = RunArgs(data=str(root / "data"), model=str(root / "model.pt"))
+    dataset, clf = load_inputs(inputs, device=args.device)
+    pipeline = ProbePipeline(dataset, clf, cfg, open_run(root / "run", "probe", inputs), seed=0)
+    sampler = Sampler()
+    try:
+        with sampler.measure("caption"):
+            pipeline.caption()
+        with sampler.measure("phrases + propagation"):
+            pipeline.phrase_sets()
+        with sampler.measure("edits"):
+            pipeline.make_edits()
+        with sampler.measure("probe + insertion + joint"):
+            pipeline.probe()
+            pipeline.test_further(pipeline.findings())
+        with sampler.measure("generation"):   # from every finding with edits to use, as an approved audit would
+            groups = [finding_key(f) for f in pipeline.findings() if f.evidence_edits]
+            augment_run(root / "run", root / "augmented", cfg, 0, groups=groups, pipeline=pipeline,
+                        on_message=lambda m: None)
+        with sampler.measure("retraining"):
+            model = build_classifier("smallcnn", dataset.class_names, input_size=32, seed=0)
+            train_classifier(model, dataset.split("train"), [], epochs=1, batch_size=8, lr=0.05, weight_decay=5e-4,
+                             seed=0, augment=False, progress=False)
+    finally:
+        sampler.close()
+        server.__exit__(None, None, None)
+    print("| stage | models alive at the stage's peak | their weights KiB | peak CUDA MiB | peak RSS MiB | s |")
+    print("|---|---|---|---|---|---|")
+    for r in sampler.rows:
+        names = ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(r["alive"].items(), key=lambda kv: -kv[1]))
+        cuda = r["cuda_peak_mib"] if r["cuda_peak_mib"] is not None else "n/a"
+        print(f"| {r['stage']} | {names} | {r['bytes'] / 1024:.0f} | {cuda} | {r['rss_peak_mib']} | {r['seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
