@@ -100,6 +100,18 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from test_real_backends import build_world
 
+    with tempfile.TemporaryDirectory(prefix="aspire-memory-") as tmp:
+        rows = measure(build_world, Path(tmp), args.device)
+    print("| stage | models alive at the stage's peak | their weights KiB | peak CUDA MiB | peak RSS MiB | s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        names = ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(r["alive"].items(), key=lambda kv: -kv[1]))
+        cuda = r["cuda_peak_mib"] if r["cuda_peak_mib"] is not None else "n/a"
+        print(f"| {r['stage']} | {names} | {r['bytes'] / 1024:.0f} | {cuda} | {r['rss_peak_mib']} | {r['seconds']} |")
+
+
+def measure(build_world, tmp: Path, device) -> list[dict]:
+    """The stages of the audit in the real-backend world under `tmp`, measured."""
     from aspire.config import load_config
     from aspire.models.classifier import build_classifier
     from aspire.models.train import train_classifier
@@ -107,13 +119,13 @@ def main() -> None:
     from aspire.workflows.repair import augment_run, finding_key
     from aspire.workflows.runs import RunArgs, load_inputs, open_run
 
-    root, _, server = build_world(Path(tempfile.mkdtemp(prefix="aspire-memory-")))
+    root, _, server = build_world(tmp)
     config = json.loads((root / "config.json").read_text())
     for concern in ("caption", "ground", "edit", "generate"):
-        config[concern]["device"] = args.device
+        config[concern]["device"] = device
     cfg = load_config(None, config)
     inputs = RunArgs(data=str(root / "data"), model=str(root / "model.pt"))
-    dataset, clf = load_inputs(inputs, device=args.device)
+    dataset, clf = load_inputs(inputs, device=device)
     pipeline = ProbePipeline(dataset, clf, cfg, open_run(root / "run", "probe", inputs), seed=0)
     sampler = Sampler()
     try:
@@ -137,12 +149,7 @@ def main() -> None:
     finally:
         sampler.close()
         server.__exit__(None, None, None)
-    print("| stage | models alive at the stage's peak | their weights KiB | peak CUDA MiB | peak RSS MiB | s |")
-    print("|---|---|---|---|---|---|")
-    for r in sampler.rows:
-        names = ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(r["alive"].items(), key=lambda kv: -kv[1]))
-        cuda = r["cuda_peak_mib"] if r["cuda_peak_mib"] is not None else "n/a"
-        print(f"| {r['stage']} | {names} | {r['bytes'] / 1024:.0f} | {cuda} | {r['rss_peak_mib']} | {r['seconds']} |")
+    return sampler.rows
 
 
 if __name__ == "__main__":
