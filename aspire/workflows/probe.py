@@ -163,7 +163,6 @@ class ProbePipeline:
         rng = random.Random(settings.seed + self.seed)
         train = self.dataset.split("train")
         chosen: list[str] = []
-        prober: Prober = self.tool("prober")
         for y in self.class_ids:
             pool = [s for s in train if s.y == y and not s.synthetic]
             if not pool:
@@ -175,16 +174,19 @@ class ProbePipeline:
             step = max(want, self.config.probe.batch_size)
             kept: list[str] = []
             for start in range(0, len(pool), step):
-                chunk = pool[start:start + step]
-                preds = prober.predict([s.path for s in chunk], [s.y for s in chunk])
-                self.store.put_many("prediction", [(s.image, p) for s, p in zip(chunk, preds)])
-                kept += [s.image for s, p in zip(chunk, preds) if p.pred == s.y]
+                kept += [s.image for s in self._correct(pool[start:start + step])]
                 if len(kept) >= want:
                     break
             chosen += sorted(kept[:want])
         self.store.set_meta("holdout", chosen)
         self.store.log_event("holdout", {"n": len(chosen), "classes": [self.class_names[y] for y in self.class_ids]})
         return self.holdout()
+
+    def _correct(self, samples: Sequence[Sample]) -> list[Sample]:
+        """The samples the classifier gets right; its predictions are recorded (records `prediction`)."""
+        preds = self.tool("prober").predict([s.path for s in samples], [s.y for s in samples])
+        self.store.put_many("prediction", [(s.image, p) for s, p in zip(samples, preds)])
+        return [s for s, p in zip(samples, preds) if p.pred == s.y]
 
     # ------------------------------------------------------------ 2. captions
     def caption(self) -> list[Caption]:
@@ -290,7 +292,7 @@ class ProbePipeline:
         if target <= 0 or self.store.get_meta("holdout_extension") is not None:
             return False
         chosen = list(self.store.get_meta("holdout", []))
-        prober: Prober = self.tool("prober")
+        taken = set(chosen)
         added: dict[str, list[str]] = {}
         for y in self.class_ids:
             mine = [k for k in chosen if self.samples[k].y == y]
@@ -299,7 +301,6 @@ class ProbePipeline:
                                       for q in [*p.foreground, *p.background[:1]]})
             need = {g: target - shown[g] for g in frequent if 0 < shown[g] < target}
             room = self.config.holdout.max_per_class - len(mine)
-            taken = set(chosen)
             pool = sorted(s.image for s in self.dataset.split("train")
                           if s.y == y and not s.synthetic and s.image not in taken)
             random.Random(derive_seed(self.config.holdout.seed + self.seed, "extend", y)).shuffle(pool)
@@ -307,12 +308,9 @@ class ProbePipeline:
             for start in range(0, len(pool), step):
                 if not need or room <= 0:
                     break
-                chunk = [self.samples[k] for k in pool[start:start + step]]
-                preds = prober.predict([s.path for s in chunk], [s.y for s in chunk])
-                self.store.put_many("prediction", [(s.image, p) for s, p in zip(chunk, preds)])
-                for sample, pred in zip(chunk, preds):
-                    if pred.pred != y or not need or room <= 0:
-                        continue
+                for sample in self._correct([self.samples[k] for k in pool[start:start + step]]):
+                    if not need or room <= 0:
+                        break
                     try:
                         found = self._ground_missing(sample, [], list(need)).found
                     except ITEM_ERRORS:
