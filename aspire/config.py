@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from aspire.errors import ConfigError
 
@@ -43,22 +43,43 @@ class CaptionSettings(Settings):
     annotations: Optional[str] = Field(None, description="annotations backend: path of annotations.jsonl")
     chat_model: str = Field("gpt-4o", description="openai backend: vision chat model name")
     base_url: Optional[str] = Field(None, description="openai backend: endpoint (else OPENAI_BASE_URL, else OpenAI)")
-    api_key: Optional[str] = Field(None, repr=False, description="openai backend: key (else OPENAI_API_KEY)")
+    api_key: Optional[str] = Field(None, repr=False, exclude=True, description="openai backend: key (else OPENAI_API_KEY)")
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(2, ge=0)
+    backoff_s: float = Field(1.0, ge=0, description="wait before retry k: backoff_s * 2**(k-1)")
+
+    def llm(self) -> "LLMSettings":
+        """The openai backend's endpoint as the LLM client takes it (greedy answers)."""
+        return LLMSettings(model=self.chat_model, base_url=self.base_url, api_key=self.api_key,
+                           timeout_s=self.timeout_s, max_retries=self.max_retries, backoff_s=self.backoff_s,
+                           temperature=0.0)
 
 
-class PhraseSettings(Settings):
-    backend: Literal["offline", "llm"] = "offline"
+class LLMSettings(Settings):
+    """An OpenAI-compatible endpoint and how it is asked (aspire/llm.py). The phrase extractor and the agent are
+    LLMSettings; the captioner's openai backend builds one (`CaptionSettings.llm()`)."""
+
     model: str = "gpt-4o"
-    captions_per_call: int = Field(8, ge=1)
-    max_retries: int = Field(2, ge=0)
     base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint; falls back to OPENAI_BASE_URL")
     api_key: Optional[str] = Field(None, repr=False, exclude=True, description="falls back to OPENAI_API_KEY")
     timeout_s: float = Field(60.0, gt=0, description="per LLM request")
+    max_retries: int = Field(2, ge=0, description="retries of a failed request or a malformed answer")
+    backoff_s: float = Field(1.0, ge=0, description="wait before retry k: backoff_s * 2**(k-1)")
     temperature: Optional[float] = Field(0.0, ge=0, description="None: the server's default (models without it)")
-    retry_wait_s: float = Field(1.0, ge=0, description="wait before retry k: retry_wait_s * 2**(k-1)")
     structured_output: Literal["function_calling", "json_schema"] = "function_calling"
+
+
+class PhraseSettings(LLMSettings):
+    backend: Literal["offline", "llm"] = "offline"
+    captions_per_call: int = Field(8, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        """`retry_wait_s` is the old name of `backoff_s`."""
+        if isinstance(data, dict) and "retry_wait_s" in data:
+            data = {k: v for k, v in data.items() if k != "retry_wait_s"} | {"backoff_s": data["retry_wait_s"]}
+        return data
 
 
 class GroundSettings(Settings):
@@ -145,18 +166,10 @@ class TrainSettings(Settings):
         return cls(epochs=100, batch_size=32, lr=1e-3, weight_decay=1e-3)
 
 
-class AgentSettings(Settings):
+class AgentSettings(LLMSettings):
     """The investigation agent (aspire audit / chat): its LLM, its budgets, and the retraining it runs."""
 
     offline: bool = Field(False, description="use the deterministic planner even when an LLM is configured")
-    model: str = "gpt-4o"
-    base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint; falls back to OPENAI_BASE_URL")
-    api_key: Optional[str] = Field(None, repr=False, exclude=True, description="falls back to OPENAI_API_KEY")
-    timeout_s: float = Field(60.0, gt=0, description="per LLM request")
-    max_retries: int = Field(2, ge=0, description="retries of a failed or malformed LLM answer")
-    backoff_s: float = Field(1.0, ge=0, description="wait before retry k: backoff_s * 2**(k-1)")
-    temperature: Optional[float] = Field(0.0, ge=0, description="None: the server's default")
-    structured_output: Literal["function_calling", "json_schema"] = "function_calling"
     stream: bool = Field(True, description="chat: stream answers token by token")
     groups_per_round: int = Field(3, ge=1, description="phrase groups probed per class and round")
     groups_in_prompt: int = Field(15, ge=1, description="candidate phrase groups per class shown to the LLM")

@@ -21,7 +21,7 @@ from PIL import Image
 
 from aspire.agent import audit_context, run_audit
 from aspire.agent import nodes
-from aspire.agent.llm import LLMPlanner
+from aspire.agent.llm_planner import LLMPlanner
 from aspire.agent.planner import OfflinePlanner, group_key
 from aspire.config import load_config
 from aspire.data.formats import load_dataset

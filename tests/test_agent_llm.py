@@ -8,10 +8,9 @@ import json
 import pytest
 
 from aspire.agent import run_audit
-from aspire.agent.llm import LLMPlanner, chat_model, llm_configured
+from aspire.agent.llm_planner import LLMPlanner
 from aspire.agent.planner import GroupStat, OfflinePlanner, PlanRequest
 from aspire.config import AgentSettings
-from aspire.errors import ConfigError
 from llm_server import Delay, LoopbackLLM, content, structured, tool_call
 from test_agent_graph import make_ctx, world  # noqa: F401 - the world fixture
 
@@ -107,18 +106,6 @@ def test_stop_is_refused_before_anything_was_tested_but_accepted_later():
         later = planner(llm, max_retries=0).propose(request(2, tested={"1|background|lake"}))
     assert first.source == "planner" and "stop was proposed before" in first.failures[0]
     assert later.stop and later.source == "llm" and later.reason == "nothing to see"
-
-
-def test_configuration(monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    assert not llm_configured(AgentSettings())
-    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
-        chat_model(AgentSettings())
-    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-    assert llm_configured(AgentSettings())
-    model = chat_model(AgentSettings(timeout_s=7, model="m"))
-    assert model.request_timeout == 7 and model.max_retries == 0 and model.model_name == "m"
 
 
 def test_a_failing_llm_does_not_stop_the_audit_and_is_recorded(world, tmp_path):  # noqa: F811

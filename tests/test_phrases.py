@@ -160,7 +160,7 @@ def test_as_tool_wraps_the_extractor():
 # ---------------------------------------------------------------- llm backend
 def llm_settings(server: LoopbackLLM, **kw) -> PhraseSettings:
     base = dict(backend="llm", model="phrase-model-x", base_url=server.base_url, api_key="sk-test",
-                retry_wait_s=0, timeout_s=10, max_retries=2)
+                backoff_s=0, timeout_s=10, max_retries=2)
     return PhraseSettings(**{**base, **kw})
 
 
@@ -255,7 +255,7 @@ def test_llm_timeout_becomes_failed_records():
 def test_llm_network_error_becomes_failed_records():
     with LoopbackLLM() as server:
         url = server.base_url
-    settings = PhraseSettings(backend="llm", base_url=url, api_key="x", retry_wait_s=0, max_retries=1, timeout_s=2)
+    settings = PhraseSettings(backend="llm", base_url=url, api_key="x", backoff_s=0, max_retries=1, timeout_s=2)
     out = PhraseExtractor(settings).extract(CAPTIONS[:1], CLASSES)  # the server is gone
     assert out[0].failed is not None and "Connection" in out[0].failed
 
@@ -288,7 +288,7 @@ def test_llm_settings_fall_back_to_openai_env(monkeypatch):
     with LoopbackLLM([tool_call("caption_phrases", {"items": [item(0, ["sofa"])]})]) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
-        ex = PhraseExtractor(PhraseSettings(backend="llm", retry_wait_s=0))
+        ex = PhraseExtractor(PhraseSettings(backend="llm", backoff_s=0))
         out = ex.extract(CAPTIONS[2:], CLASSES)
     assert out[0].foreground == ["sofa"]
     assert server.headers[0]["authorization"] == "Bearer sk-from-env"

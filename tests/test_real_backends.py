@@ -71,7 +71,7 @@ def build_world(root: Path) -> tuple[Path, str, LoopbackLLM]:
         "holdout": {"fraction": 1.0, "min_per_class": 6, "min_group_images": 0},
         "caption": {"backend": "transformers", "model_id": str(build_tiny_git(m / "git")), "max_new_tokens": 4},
         "phrases": {"backend": "llm", "base_url": llm.base_url, "api_key": "sk-test", "model": "tiny",
-                    "captions_per_call": 1, "max_retries": 0, "retry_wait_s": 0},
+                    "captions_per_call": 1, "max_retries": 0, "backoff_s": 0},
         "ground": {"backend": "annotations", "annotations": str(root / "data" / "annotations.jsonl")},
         "edit": {"remove_backend": "sd-inpaint", "background_backend": "instruct-pix2pix",
                  "inpaint_model_id": str(build_tiny_sd_inpaint(m / "inpaint")),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from aspire import llm
 from aspire.config import AgentSettings
 from aspire.errors import AspireError
 from aspire.schemas import Edit, Finding, Probe
@@ -39,9 +39,8 @@ OFFLINE_HELP = """offline commands:
   probe CLASS PHRASE          edit and test one phrase on one class now
   approve                     approve the paused audit: generate, retrain, evaluate, report
   help, quit"""
-CONFIGURE_HELP = ("No LLM is configured. Set OPENAI_API_KEY (OpenAI), or OPENAI_BASE_URL (and OPENAI_API_KEY if "
-                  "the server wants one) for any OpenAI-compatible server (vLLM, Ollama, ...), or agent.base_url / "
-                  "agent.model in a --config file; then run `aspire chat` again.")
+CONFIGURE_HELP = (f"No LLM is configured. To talk with one, {llm.CONFIGURE}, or agent.base_url / agent.model in a "
+                  "--config file; then run `aspire chat` again.")
 
 
 # ---------------------------------------------------------------- the tools
@@ -265,13 +264,11 @@ class ChatSession:
                  chat_model: Any = None):
         from langchain_core.messages import SystemMessage
 
-        from aspire.agent.llm import chat_model as make_chat_model
-
         self.tools = tools
         self.settings = settings
         self.console = console or Console()
         self._lc_tools = {t.name: t for t in langchain_tools(tools)}
-        base = chat_model if chat_model is not None else make_chat_model(settings)
+        base = chat_model if chat_model is not None else llm.chat_model(settings, "agent")
         self.model = base.bind_tools(list(self._lc_tools.values()))
         self.messages: list = [SystemMessage(content=self.system_prompt())] + self._history()
 
@@ -318,7 +315,7 @@ class ChatSession:
             for _ in range(MAX_TOOL_STEPS):
                 ai = self._ask()
                 self.messages.append(ai)
-                answer = _text(ai.content)
+                answer = llm.text_of(ai.content)
                 if not ai.tool_calls:
                     break
                 for call in ai.tool_calls:
@@ -346,17 +343,15 @@ class ChatSession:
         """One LLM answer, streamed to the console as it comes; retried with backoff before any output."""
         from langchain_core.messages import AIMessage
 
-        attempts = 1 + self.settings.max_retries
-        for attempt in range(attempts):
-            if attempt and self.settings.backoff_s:
-                time.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
+        last = self.settings.max_retries
+        for attempt in llm.attempts(self.settings):
             printed = False
             try:
                 if self.settings.stream:
                     full = None
                     try:
                         for chunk in self.model.stream(self.messages):
-                            piece = _text(chunk.content)
+                            piece = llm.text_of(chunk.content)
                             if piece:
                                 if not printed:
                                     self.console.print("[bold green]aspire>[/bold green] ", end="")
@@ -372,12 +367,12 @@ class ChatSession:
                             self.console.print()
                         return AIMessage(content=full.content, tool_calls=full.tool_calls)
                 message = self.model.invoke(self.messages)
-                if _text(message.content):
+                if llm.text_of(message.content):
                     self.console.print("[bold green]aspire>[/bold green] ", end="")
-                    self.console.print(_text(message.content), markup=False, highlight=False, soft_wrap=True)
+                    self.console.print(llm.text_of(message.content), markup=False, highlight=False, soft_wrap=True)
                 return message
             except Exception:  # retried while nothing was shown, then raised to turn()
-                if printed or attempt == attempts - 1:
+                if printed or attempt == last:
                     raise
         raise RuntimeError("unreachable")
 
@@ -421,12 +416,6 @@ def _loop(console: Console, answer: Callable[[str], Any]) -> int:
             console.print("\n[yellow]cancelled[/yellow] (Ctrl-C again or Ctrl-D at the prompt exits)")
         except AspireError as e:
             console.print(f"[red]error:[/red] {e}", highlight=False)
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-    return content or ""
 
 
 # ---------------------------------------------------------------- without an LLM

@@ -31,15 +31,16 @@ Approver = Callable[[dict], Any]
 
 def make_planner(settings: AgentSettings):
     """(the planner, a line saying which one and why)."""
-    from aspire.agent.llm import LLMPlanner, base_url, llm_configured
+    from aspire import llm
+    from aspire.agent.llm_planner import LLMPlanner
     from aspire.agent.planner import OfflinePlanner
 
     if settings.offline:
         return OfflinePlanner(), "planning offline (deterministic planner: --offline)"
-    if not llm_configured(settings):
+    if not llm.configured(settings):
         return OfflinePlanner(), ("no LLM configured (OPENAI_API_KEY / OPENAI_BASE_URL / agent.base_url): "
                                   "planning with the offline deterministic planner")
-    return LLMPlanner(settings), f"planning with LLM {settings.model} at {base_url(settings) or 'api.openai.com'}"
+    return LLMPlanner(settings), f"planning with LLM {settings.model} at {llm.endpoint(settings)[0] or 'api.openai.com'}"
 
 
 def audit_context(dataset, classifier, config: AspireConfig, store, *, model_path: str,

@@ -67,7 +67,7 @@ def run_batch(batch_dir: str | Path, *, data: str | Path, model: str | Path, for
               group_size: int = 1, seed: int = 0, config: Optional[AspireConfig] = None, repair: bool = False,
               progress: bool = True, console: Optional[Console] = None) -> BatchResult:
     """Run (or resume) the batch in `batch_dir`; see the module docstring. Returns the merged summary."""
-    from aspire.agent.llm import llm_record
+    from aspire.agent.llm_planner import llm_record
     from aspire.data.formats import load_dataset
     from aspire.models.classifier import load_checkpoint
     from aspire.provenance import run_record

@@ -110,7 +110,7 @@ def run_unit(job: UnitJob) -> dict:
     store = None
     try:
         from aspire.agent import audit_context, make_planner, run_audit, thread_id
-        from aspire.agent.llm import llm_record
+        from aspire.agent.llm_planner import llm_record
         from aspire.provenance import run_record
         from aspire.workflows.runs import open_run
 

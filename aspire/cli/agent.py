@@ -44,7 +44,7 @@ def audit_cmd(
     which are never recorded, come from the environment or from --config FILE named again (only its keys are read)."""
     from aspire.agent import audit_context, auto_approve, context_from_run, make_planner, run_audit, thread_id
     from aspire.agent.chat import terminal_approver
-    from aspire.agent.llm import llm_record
+    from aspire.agent.llm_planner import llm_record
     from aspire.errors import ConfigError
 
     overrides = {k: v for k, v in (("offline", True if offline else None), ("model", llm_model)) if v is not None}
@@ -117,7 +117,7 @@ def chat_cmd(
     approve and retrain. Without an LLM configured it explains how to configure one and answers the
     offline commands (findings, stats, edits, probe, approve). Ctrl-C cancels an answer; Ctrl-D exits."""
     from aspire.agent.chat import ChatSession, OfflineSession, RunTools
-    from aspire.agent.llm import llm_configured
+    from aspire import llm
     from aspire.config import load_config
     from aspire.errors import ConfigError
 
@@ -130,7 +130,7 @@ def chat_cmd(
     if llm_model:
         settings.model = llm_model
     tools = RunTools(run_dir, device=device)
-    session = ChatSession(tools, settings, console=out) if llm_configured(settings) else OfflineSession(tools, out)
+    session = ChatSession(tools, settings, console=out) if llm.configured(settings) else OfflineSession(tools, out)
     raise typer.Exit(session.run())
 
 

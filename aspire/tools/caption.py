@@ -4,7 +4,8 @@ Backends behind one `Captioner.caption(images)` call, chosen by `CaptionSettings
 
 - "transformers": an image-to-text model by id: GIT (`microsoft/git-large-coco`, the released code's
   choice: greedy, 100 new tokens), BLIP, BLIP-2. Loaded lazily, batched, halves the batch on CUDA OOM.
-- "openai": any OpenAI-compatible vision chat model; one request per image, the image as a data URL.
+- "openai": any OpenAI-compatible vision chat model (aspire/llm.py); one request per image, the image as a
+  data URL, retried with backoff.
 - "annotations": the captions of an annotations.jsonl (offline). An image with no annotation raises
   DataError naming the image and the file: a silent empty caption would skew the phrase statistics.
 
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from PIL import Image
 
+from aspire import llm
 from aspire.config import CaptionSettings
 from aspire.data.annotations import norm_key
 from aspire.errors import AspireError, ConfigError, DataError, ModelLoadError, describe
@@ -228,20 +229,9 @@ class Captioner:
                         model_id=self.settings.model_id) for (key, _), text in zip(batch, texts)]
 
     # ---------------------------------------------------------------- openai backend
-    def _chat_client(self):
+    def _chat_model(self):
         if self._client is None:
-            import openai
-
-            s = self.settings
-            base_url = s.base_url or os.environ.get("OPENAI_BASE_URL") or None
-            api_key = s.api_key or os.environ.get("OPENAI_API_KEY")
-            if not api_key:
-                if base_url is None:
-                    raise ConfigError("caption.api_key: the openai backend needs an API key "
-                                      "(set OPENAI_API_KEY or caption.api_key)")
-                api_key = "EMPTY"  # local OpenAI-compatible servers (vLLM, llama.cpp) ignore the key
-            self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=s.timeout_s,
-                                         max_retries=s.max_retries)
+            self._client = llm.chat_model(self.settings.llm(), "caption")
         return self._client
 
     @staticmethod
@@ -253,30 +243,30 @@ class Captioner:
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
     def _caption_chat(self, item: tuple[str, Any]) -> Caption:
-        import openai
+        from langchain_core.messages import HumanMessage
 
         key, image = item
-        client = self._chat_client()
-        model = self.settings.chat_model
+        settings = self.settings.llm()
+        model = self._chat_model()
         instruction = render_prompt("caption", max_words=CHAT_MAX_WORDS).strip()
-        messages = [{"role": "user", "content": [
+        message = HumanMessage(content=[
             {"type": "text", "text": instruction},
             {"type": "image_url", "image_url": {"url": self._data_url(self._load_rgb(image))}},
-        ]}]
-        where = f"caption model {model!r} at {client.base_url}"
-        try:
-            response = client.chat.completions.create(model=model, messages=messages, temperature=0)
-        except openai.APIStatusError as e:
-            raise AspireError(f"{where}: HTTP {e.status_code} for {key} after {self.settings.max_retries} "
-                              f"retries ({describe(e)})") from e
-        except openai.APIError as e:  # connection errors, timeouts
-            raise AspireError(f"{where}: request for {key} failed after {self.settings.max_retries} "
-                              f"retries ({describe(e)})") from e
-        text = (response.choices[0].message.content or "") if response.choices else ""
-        text = " ".join(text.split()).strip("\"'")
+        ])
+        where = f"caption model {settings.model!r} at {llm.endpoint(settings)[0] or 'api.openai.com'}"
+        failure = "no attempt"
+        for _ in llm.attempts(settings):
+            try:
+                answer = llm.invoke(model, [message])
+                break
+            except Exception as e:  # noqa: BLE001 - HTTP errors, network errors, timeouts: retried, then an error
+                failure = llm.describe_failure(e)
+        else:
+            raise AspireError(f"{where}: {failure}, for {key} after {settings.max_retries} retries")
+        text = " ".join(llm.text_of(answer.content).split()).strip("\"'")
         if not text:
             raise AspireError(f"{where}: empty caption for {key}")
-        return Caption(image=key, caption=text, backend="openai", model_id=model)
+        return Caption(image=key, caption=text, backend="openai", model_id=settings.model)
 
 
 # ---------------------------------------------------------------- LangChain adapter

@@ -48,9 +48,7 @@ dropped rather than offered as foreground. Nothing in it is specific to a benchm
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,9 +56,10 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from aspire import llm
 from aspire.config import PhraseSettings
-from aspire.errors import ConfigError, DataError, one_line
-from aspire.prompts import prompt_hash, render_prompt
+from aspire.errors import DataError, one_line
+from aspire.prompts import render_prompt
 from aspire.schemas import Caption, PhraseSet
 from aspire.tools import lexicon
 
@@ -69,7 +68,6 @@ if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
 PROMPT_NAME = "phrases"
-MAX_REASON_CHARS = 300
 
 
 # ---------------------------------------------------------------- the method's contract
@@ -125,21 +123,15 @@ class IndexedPhrases(CaptionPhrases):
     index: int = Field(ge=0)
 
 
-_PHRASES = {"type": "array", "items": {"type": "string"}}
-ANSWER_SCHEMA: dict[str, Any] = {  # the wire schema sent to the LLM; inlined on purpose (no $ref)
-    "title": "caption_phrases",
-    "description": "Per caption: foreground objects other than the label's object, the single predominant "
-                   "background, and one alternative background.",
-    "type": "object",
-    "properties": {"items": {"type": "array", "items": {
-        "type": "object",
-        "properties": {"index": {"type": "integer"}, "foreground": _PHRASES, "background": _PHRASES, "alt": _PHRASES},
-        "required": ["index", "foreground", "background", "alt"],
-        "additionalProperties": False,
-    }}},
-    "required": ["items"],
-    "additionalProperties": False,
-}
+class PhrasesAnswer(BaseModel):
+    """The LLM's whole answer (the wire schema); its items are validated one by one as IndexedPhrases."""
+
+    items: list[IndexedPhrases]
+
+
+ANSWER_SCHEMA = llm.wire_schema(
+    PhrasesAnswer, "caption_phrases", "Per caption: foreground objects other than the label's object, the single "
+    "predominant background, and one alternative background.")
 
 
 # ---------------------------------------------------------------- label terms
@@ -406,43 +398,10 @@ def _offline_alt(results: list[Optional[_OfflineResult]]) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------- LLM answer parsing
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
-
-
-def json_from_text(text: str) -> Any:
-    """The JSON object or list in a message's text (bare, fenced, or surrounded by prose)."""
-    text = text.strip()
-    fenced = _FENCE.search(text)
-    candidates = [fenced.group(1)] if fenced else []
-    candidates.append(text)
-    for open_, close_ in (("{", "}"), ("[", "]")):
-        a, b = text.find(open_), text.rfind(close_)
-        if 0 <= a < b:
-            candidates.append(text[a : b + 1])
-    for cand in candidates:
-        try:
-            return json.loads(cand)
-        except json.JSONDecodeError:
-            continue
-    raise ValueError("the answer is not valid JSON")
-
-
 def parse_answer(message: Any) -> list[Any]:
     """The list of raw items in an LLM answer: from the first tool call, else from JSON in the content.
     Raises ValueError with a one-line reason for malformed answers."""
-    tool_calls = getattr(message, "tool_calls", None) or []
-    invalid = getattr(message, "invalid_tool_calls", None) or []
-    if tool_calls:
-        data: Any = tool_calls[0].get("args")
-    elif invalid:
-        raise ValueError(f"the tool call's arguments are not valid JSON: {str(invalid[0].get('args'))[:80]!r}")
-    else:
-        content = getattr(message, "content", message)
-        if isinstance(content, list):  # content blocks
-            content = "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-        if not isinstance(content, str) or not content.strip():
-            raise ValueError("the answer is empty (no tool call, no content)")
-        data = json_from_text(content)
+    data = llm.message_json(message)
     if isinstance(data, dict) and "items" in data:
         data = data["items"]
     elif isinstance(data, dict) and {"foreground", "background"} & data.keys():
@@ -450,12 +409,6 @@ def parse_answer(message: Any) -> list[Any]:
     if not isinstance(data, list):
         raise ValueError(f"expected a list of items, got {type(data).__name__}")
     return data
-
-
-def _validation_reason(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "item"
-    return f"{where}: {err['msg']}"
 
 
 # ---------------------------------------------------------------- the tool
@@ -489,9 +442,7 @@ class PhraseExtractor:
         """What produced the phrases, for the reproducibility record (no secrets)."""
         rec: dict[str, Any] = {"backend": self.backend}
         if self.backend == "llm":
-            rec.update(model=self.settings.model, base_url=self._base_url(), prompt=PROMPT_NAME,
-                       prompt_sha256=prompt_hash(PROMPT_NAME), captions_per_call=self.settings.captions_per_call,
-                       structured_output=self.settings.structured_output, temperature=self.settings.temperature)
+            rec.update(llm.record(self.settings, PROMPT_NAME), captions_per_call=self.settings.captions_per_call)
         return rec
 
     # ------------------------------------------------------------ entry point
@@ -547,26 +498,10 @@ class PhraseExtractor:
         }
 
     # ------------------------------------------------------------ llm backend
-    def _base_url(self) -> Optional[str]:
-        return self.settings.base_url or os.environ.get("OPENAI_BASE_URL") or None
-
     def _structured_model(self) -> Any:
         """The chat model bound to the answer schema (built once, lazily)."""
         if self._structured is None:
-            chat = self._chat_model
-            if chat is None:
-                from langchain_openai import ChatOpenAI
-
-                base_url = self._base_url()
-                api_key = self.settings.api_key or os.environ.get("OPENAI_API_KEY") or ("EMPTY" if base_url else None)
-                if not api_key:
-                    raise ConfigError("phrases.api_key is not set and OPENAI_API_KEY is empty "
-                                      "(the llm phrase backend needs one; local servers: set phrases.base_url)")
-                kwargs: dict[str, Any] = {}
-                if self.settings.temperature is not None:
-                    kwargs["temperature"] = self.settings.temperature
-                chat = ChatOpenAI(model=self.settings.model, base_url=base_url, api_key=api_key,
-                                  timeout=self.settings.timeout_s, max_retries=0, **kwargs)
+            chat = self._chat_model if self._chat_model is not None else llm.chat_model(self.settings, "phrases")
             self._structured = chat.with_structured_output(
                 ANSWER_SCHEMA, method=self.settings.structured_output, include_raw=True)
         return self._structured
@@ -594,17 +529,13 @@ class PhraseExtractor:
         done: dict[int, CaptionPhrases | str] = {}
         pending = dict(enumerate(chunk))
         reasons: dict[int, str] = {}
-        attempts = 1 + self.settings.max_retries
-        for attempt in range(attempts):
-            if attempt and self.settings.retry_wait_s:
-                time.sleep(self.settings.retry_wait_s * 2 ** (attempt - 1))
+        for _ in llm.attempts(self.settings):
             # 1. ask
             prompt = self.prompt_for(list(pending.values()), list(pending))
             try:
-                raw = model.invoke([HumanMessage(content=prompt)])
-                message = raw["raw"] if isinstance(raw, dict) and "raw" in raw else raw
+                message = llm.invoke(model, [HumanMessage(content=prompt)])
             except Exception as e:  # noqa: BLE001 - HTTP errors, network errors, timeouts: retried, then recorded
-                reasons = {i: f"llm request failed: {type(e).__name__}: {e}" for i in pending}
+                reasons = {i: llm.describe_failure(e) for i in pending}
                 continue
             # 2. parse the answer into items
             try:
@@ -622,7 +553,7 @@ class PhraseExtractor:
                 except ValidationError as e:
                     idx = item.get("index") if isinstance(item, dict) else None
                     if isinstance(idx, int) and idx in pending:
-                        reasons[idx] = f"invalid llm item: {_validation_reason(e)}"
+                        reasons[idx] = f"invalid llm item: {llm.validation_reason(e, 'item')}"
                     continue
                 if parsed.index in pending:
                     done[parsed.index] = CaptionPhrases(foreground=parsed.foreground, background=parsed.background,
@@ -631,8 +562,9 @@ class PhraseExtractor:
             if not pending:
                 break
         for i in pending:
-            reason = f"{reasons.get(i, 'no answer')} (after {attempts} attempt{'s' * (attempts > 1)})"
-            done[i] = one_line(reason, MAX_REASON_CHARS)
+            tries = 1 + self.settings.max_retries
+            reason = f"{reasons.get(i, 'no answer')} (after {tries} attempt{'s' * (tries > 1)})"
+            done[i] = one_line(reason, llm.MAX_REASON_CHARS)
         return done
 
 

@@ -1,7 +1,5 @@
-"""The agent's LLM: any OpenAI-compatible endpoint through langchain-openai's ChatOpenAI, and the LLM planner.
+"""The LLM planner: each round's hypotheses from an LLM (aspire/llm.py: any OpenAI-compatible endpoint).
 
-    llm_configured(settings) -> bool          an endpoint or key is set (settings, OPENAI_BASE_URL, OPENAI_API_KEY)
-    chat_model(settings) -> ChatOpenAI        with the settings' timeout; retries are done here, with backoff
     LLMPlanner(settings, chat_model=None).propose(request) -> Plan
 
 The planner renders aspire/prompts/hypothesize.md with the per-class phrase statistics and the results so
@@ -14,39 +12,18 @@ the plan carries the reasons (the graph records them as `llm_failure` events): t
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from aspire import llm
 from aspire.agent.planner import OfflinePlanner, Plan, PlanRequest, hypothesis, match_group
 from aspire.config import AgentSettings
-from aspire.errors import ConfigError
-from aspire.prompts import prompt_hash, render_prompt
-from aspire.tools.phrases import json_from_text
+from aspire.errors import ConfigError, one_line
+from aspire.prompts import render_prompt
 
 PROMPT_NAME = "hypothesize"
-MAX_REASON_CHARS = 300
-
-HYPOTHESES_SCHEMA: dict[str, Any] = {  # the wire schema; inlined (no $ref), every field required
-    "title": "propose_hypotheses",
-    "description": "The phrase groups to probe next, per class, each with a reason; or stop with a reason.",
-    "type": "object",
-    "properties": {
-        "hypotheses": {"type": "array", "items": {
-            "type": "object",
-            "properties": {"class": {"type": "string"},
-                           "kind": {"type": "string", "enum": ["foreground", "background"]},
-                           "phrase": {"type": "string"}, "reason": {"type": "string"}},
-            "required": ["class", "kind", "phrase", "reason"],
-            "additionalProperties": False}},
-        "stop": {"type": "boolean"},
-        "reason": {"type": "string"},
-    },
-    "required": ["hypotheses", "stop", "reason"],
-    "additionalProperties": False,
-}
 
 
 class ProposedHypothesis(BaseModel):
@@ -66,61 +43,18 @@ class ProposedPlan(BaseModel):
     reason: str = ""
 
 
-# ---------------------------------------------------------------- the client
-def base_url(settings: AgentSettings) -> Optional[str]:
-    return settings.base_url or os.environ.get("OPENAI_BASE_URL") or None
-
-
-def llm_configured(settings: AgentSettings) -> bool:
-    """Whether an LLM endpoint is configured (settings or OPENAI_BASE_URL / OPENAI_API_KEY)."""
-    return bool(base_url(settings) or settings.api_key or os.environ.get("OPENAI_API_KEY"))
-
-
-def chat_model(settings: AgentSettings) -> Any:
-    """ChatOpenAI for the settings: per-request timeout; no client retries (callers retry with backoff)."""
-    from langchain_openai import ChatOpenAI
-
-    url = base_url(settings)
-    api_key = settings.api_key or os.environ.get("OPENAI_API_KEY") or ("EMPTY" if url else None)
-    if not api_key:
-        raise ConfigError("no LLM configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for another endpoint), "
-                          "or agent.base_url / agent.api_key in --config")
-    kwargs: dict[str, Any] = {}
-    if settings.temperature is not None:
-        kwargs["temperature"] = settings.temperature
-    return ChatOpenAI(model=settings.model, base_url=url, api_key=api_key, timeout=settings.timeout_s,
-                      max_retries=0, **kwargs)
+HYPOTHESES_SCHEMA = llm.wire_schema(
+    ProposedPlan, "propose_hypotheses",
+    "The phrase groups to probe next, per class, each with a reason; or stop with a reason.")
 
 
 def llm_record(settings: AgentSettings) -> dict[str, Any]:
     """What plans the investigation, for the reproducibility record (no secrets)."""
-    return {"model": settings.model, "base_url": base_url(settings), "prompt": PROMPT_NAME,
-            "prompt_sha256": prompt_hash(PROMPT_NAME), "structured_output": settings.structured_output,
-            "temperature": settings.temperature}
-
-
-# ---------------------------------------------------------------- answers
-
-
-def json_from_message(message: Any) -> Any:
-    """The JSON of an answer: the first tool call's arguments, else a JSON object in the content."""
-    tool_calls = getattr(message, "tool_calls", None) or []
-    if tool_calls:
-        return tool_calls[0].get("args")
-    invalid = getattr(message, "invalid_tool_calls", None) or []
-    if invalid:
-        raise ValueError(f"the tool call's arguments are not valid JSON: {str(invalid[0].get('args'))[:80]!r}")
-    content = getattr(message, "content", message)
-    if isinstance(content, list):
-        content = "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-    if not isinstance(content, str) or not content.strip():
-        raise ValueError("the answer is empty (no tool call, no content)")
-    return json_from_text(content)
+    return llm.record(settings, PROMPT_NAME)
 
 
 def _short(text: Any) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 3] + "..."
+    return one_line(text, llm.MAX_REASON_CHARS)
 
 
 # ---------------------------------------------------------------- the planner
@@ -139,7 +73,7 @@ class LLMPlanner:
 
     def _model(self) -> Any:
         if self._structured is None:
-            chat = self._chat_model if self._chat_model is not None else chat_model(self.settings)
+            chat = self._chat_model if self._chat_model is not None else llm.chat_model(self.settings, "agent")
             self._structured = chat.with_structured_output(HYPOTHESES_SCHEMA, method=self.settings.structured_output,
                                                            include_raw=True)
         return self._structured
@@ -162,29 +96,24 @@ class LLMPlanner:
         calls_left = self.settings.max_llm_calls if request.llm_calls_left is None else request.llm_calls_left
         failures: list[str] = []
         calls = 0
-        attempts = 1 + self.settings.max_retries
         prompt = None
-        for attempt in range(attempts):
+        for _ in llm.attempts(self.settings, self._sleep):
             if calls >= calls_left:
                 failures.append(f"the LLM call budget (agent.max_llm_calls={self.settings.max_llm_calls}) is spent")
                 break
-            if attempt and self.settings.backoff_s:
-                self._sleep(self.settings.backoff_s * 2 ** (attempt - 1))
             calls += 1
             try:  # 1. ask
                 prompt = prompt or self.prompt(request)
-                raw = self._model().invoke([HumanMessage(content=prompt)])
-                message = raw["raw"] if isinstance(raw, dict) and "raw" in raw else raw
+                message = llm.invoke(self._model(), [HumanMessage(content=prompt)])
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - HTTP errors, network errors, timeouts: retried, then recorded
-                failures.append(_short(f"llm request failed: {type(e).__name__}: {e}"))
+                failures.append(llm.describe_failure(e))
                 continue
             try:  # 2. parse and validate
-                plan = self._resolve(json_from_message(message), request)
+                plan = self._resolve(llm.message_json(message), request)
             except (ValueError, ValidationError) as e:
-                reason = _validation_reason(e) if isinstance(e, ValidationError) else str(e)
-                failures.append(_short(f"malformed llm answer: {reason}"))
+                failures.append(_short(f"malformed llm answer: {llm.validation_reason(e)}"))
                 continue
             plan.llm_calls, plan.failures = calls, failures
             return plan
@@ -228,9 +157,3 @@ class LLMPlanner:
         if ignored:
             reason = _short(f"{reason} (ignored: {'; '.join(ignored[:3])})")
         return Plan(chosen, reason=reason, source=self.name)
-
-
-def _validation_reason(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "answer"
-    return f"{where}: {err['msg']}"
