@@ -263,6 +263,31 @@ class AspireConfig(Settings):
     augment: AugmentSettings = AugmentSettings()
     batch: BatchSettings = BatchSettings()
 
+    def used_models(self, generated: bool = False) -> list[tuple[str, str]]:
+        """(setting, value) of the backends a run uses and the models those backends load; step 5's only when
+        the run `generated` images. The planner's LLM is recorded on its own (`planner`)."""
+        c = self
+        out = [("caption.backend", c.caption.backend)]
+        out += {"transformers": [("caption.model_id", c.caption.model_id)],
+                "openai": [("caption.chat_model", c.caption.chat_model)]}.get(c.caption.backend, [])
+        out.append(("phrases.backend", c.phrases.backend))
+        out += [("phrases.model", c.phrases.model)] if c.phrases.backend == "llm" else []
+        out.append(("ground.backend", c.ground.backend))
+        if c.ground.backend == "transformers":
+            out += [("ground.detector_id", c.ground.detector_id), ("ground.segmenter_id", c.ground.segmenter_id)]
+        out.append(("edit.remove_backend", c.edit.remove_backend))
+        out += {"sd-inpaint": [("edit.inpaint_model_id", c.edit.inpaint_model_id)],
+                "lama": [("edit.lama_torchscript", str(c.edit.lama_torchscript))]}.get(c.edit.remove_backend, [])
+        out.append(("edit.background_backend", c.edit.background_backend))
+        if c.edit.background_backend == "instruct-pix2pix":
+            out.append(("edit.pix2pix_model_id", c.edit.pix2pix_model_id))
+        if generated:
+            out.append(("generate.backend", c.generate.backend))
+            if c.generate.backend == "textual-inversion":
+                out.append(("generate.model_id", c.generate.model_id + (f"@{c.generate.revision}"
+                                                                          if c.generate.revision else "")))
+        return out
+
 
 def _env_overrides(prefix: str = "ASPIRE_") -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}

@@ -128,6 +128,9 @@ class Edit(Record):
                             "joint (removed with the class's other candidate groups)")
     score_class: Optional[int] = Field(default=None, description="the class whose probability the test reads "
                                        "(insertion: the source's class); None: the image's label")
+    donor: Optional[str] = Field(default=None, description="a background change from another image: the image "
+                                 "(its key) whose background was laid over")
+    donor_background: Optional[str] = Field(default=None, description="that image's background phrase")
 
     @property
     def pair_key(self) -> str:

@@ -329,3 +329,57 @@ def test_cli_report_prints_paths(report_runs, tmp_path):
     paths = json.loads(result.stdout)
     assert set(paths) == {"html", "md", "json"}
     assert all(Path(p).is_file() and Path(p).parent == (tmp_path / "r").resolve() for p in paths.values())
+
+
+def _record_rows(html: str) -> dict[str, str]:
+    """The 'backends, models and seeds' table: setting -> value."""
+    table = html.split("<summary>backends, models and seeds</summary>", 1)[1].split("</table>", 1)[0]
+    return dict(re.findall(r"<tr><td>([^<]+)</td><td><code>([^<]*)</code></td></tr>", table))
+
+
+def test_the_record_lists_only_the_backends_and_models_used(report_runs, probe_report, full_report):
+    probe_rows = _record_rows(probe_report["html"].read_text(encoding="utf-8"))
+    full_rows = _record_rows(full_report["html"].read_text(encoding="utf-8"))
+    assert {k: probe_rows[k] for k in ("caption.backend", "phrases.backend", "ground.backend",
+                                       "edit.remove_backend", "edit.background_backend")} == {
+        "caption.backend": "annotations", "phrases.backend": "offline", "ground.backend": "annotations",
+        "edit.remove_backend": "opencv", "edit.background_backend": "replace"}
+    # the offline backends load no model: no default model id of a backend that did not run
+    for rows in (probe_rows, full_rows):
+        assert not any(k.endswith(("_id", ".model", "chat_model")) for k in rows), rows
+        assert not any(m in " ".join(rows.values()) for m in ("git-large-coco", "grounding-dino", "gpt-4o",
+                                                              "stable-diffusion", "instruct-pix2pix"))
+    # step 5's generator appears only in the run that generated images
+    assert "generate.backend" not in probe_rows and full_rows["generate.backend"] == "offline"
+
+
+def test_used_models_follow_the_chosen_backends():
+    from aspire.config import load_config
+
+    cfg = load_config(None, {"caption": {"backend": "transformers"}, "ground": {"backend": "transformers"},
+                             "edit": {"remove_backend": "sd-inpaint"}, "generate": {"backend": "textual-inversion"}})
+    used = dict(cfg.used_models(generated=True))
+    assert used["caption.model_id"] == cfg.caption.model_id and used["ground.segmenter_id"] == cfg.ground.segmenter_id
+    assert used["edit.inpaint_model_id"] == cfg.edit.inpaint_model_id and used["generate.model_id"] == cfg.generate.model_id
+    assert "edit.pix2pix_model_id" not in used and "phrases.model" not in used
+    assert "generate.backend" not in dict(cfg.used_models(generated=False))
+
+
+def test_evidence_names_the_donor_and_collapses_unconfirmed_findings(report_runs, full_report):
+    html = full_report["html"].read_text(encoding="utf-8")
+    shown = json.loads(full_report["json"].read_text())
+    store = RunStore(report_runs["full"])
+    edits = {e.edit_id: e for e in store.all("edit", Edit)}
+    store.close()
+    # every background change from another image names that image, as its edit recorded it
+    swaps = [edits[e["edit_id"]] for f in shown["findings"] for e in f["examples"]
+             if edits[e["edit_id"]].kind == "background"]
+    assert swaps, "the test world has no background example"
+    for edit in swaps:
+        assert edit.donor and edit.donor != edit.image and edit.donor_background
+        assert f"background from <code>{edit.donor} ({edit.donor_background})</code>" in html
+    # a finding's evidence is open when it is spurious, collapsed to its summary line otherwise
+    galleries = re.findall(r'<details class="finding" id="gallery-[^"]*"( open)?>\s*<summary><h3>([^<]*)<', html)
+    spurious = {f"{f['class']}: {f['phrase']} " for f in shown["findings"] if f["spurious"]}
+    assert galleries and any(o for o, _ in galleries) and any(not o for o, _ in galleries)
+    assert all(bool(opened) == (title in spurious) for opened, title in galleries)

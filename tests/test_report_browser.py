@@ -27,7 +27,12 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 # Appended to a copy of the page (never to the report): after load, count the images that decoded.
 IMAGE_CHECK = ('<script>window.addEventListener("load", () => { const im = [...document.images]; '
                'document.body.dataset.imagesDecoded = im.filter(i => i.complete && i.naturalWidth > 0).length '
-               '+ "/" + im.length; });</script>')
+               '+ "/" + im.length; '
+               # and how many evidence images are laid out (seen) in open and in collapsed findings
+               'const seen = s => [...document.querySelectorAll(s)].filter(i => i.checkVisibility()).length; '
+               'document.body.dataset.evidenceSeen = seen("details.finding[open] img") + "/" '
+               '+ seen("details.finding:not([open]) img") + "/" '
+               '+ document.querySelectorAll("details.finding:not([open]) img").length; });</script>')
 
 
 def _find_chromium() -> str | None:
@@ -119,6 +124,11 @@ def test_report_loads_in_chromium_with_its_table_and_images(chromium, full_repor
     assert {(r[1], r[3]) for r in page.rows} == {(f.class_, f.kind) for f in findings}
     assert len(page.srcs) > 10 and all(s.startswith("data:image/") for s in page.srcs)
     assert _decoded(dom) == (len(page.srcs), len(page.srcs))
+    # unconfirmed findings' evidence is collapsed: its images are in the page but not laid out
+    m = re.search(r'data-evidence-seen="(\d+)/(\d+)/(\d+)"', dom)
+    assert m, "the evidence check did not run"
+    open_seen, collapsed_seen, collapsed_total = map(int, m.groups())
+    assert open_seen > 0 and collapsed_total > 0 and collapsed_seen == 0
 
     # 2. the screenshot of the report itself: not blank, the dark header on top, content below
     shot = tmp_path / "report.png"

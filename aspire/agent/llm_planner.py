@@ -48,8 +48,11 @@ HYPOTHESES_SCHEMA = llm.wire_schema(
     "The phrase groups to probe next, per class, each with a reason; or stop with a reason.")
 
 
-def llm_record(settings: AgentSettings) -> dict[str, Any]:
-    """What plans the investigation, for the reproducibility record (no secrets)."""
+def planner_record(settings: AgentSettings) -> str | dict[str, Any]:
+    """What plans the investigation, for the reproducibility record (no secrets): the LLM, or "offline" when the
+    offline planner plans (asked for, or no LLM configured)."""
+    if settings.offline or not llm.configured(settings):
+        return "offline"
     return llm.record(settings, PROMPT_NAME)
 
 

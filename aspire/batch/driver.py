@@ -67,7 +67,7 @@ def run_batch(batch_dir: str | Path, *, data: str | Path, model: str | Path, for
               group_size: int = 1, seed: int = 0, config: Optional[AspireConfig] = None, repair: bool = False,
               progress: bool = True, console: Optional[Console] = None) -> BatchResult:
     """Run (or resume) the batch in `batch_dir`; see the module docstring. Returns the merged summary."""
-    from aspire.agent.llm_planner import llm_record
+    from aspire.agent.llm_planner import planner_record
     from aspire.data.formats import load_dataset
     from aspire.models.classifier import load_checkpoint
     from aspire.provenance import run_record
@@ -92,7 +92,7 @@ def run_batch(batch_dir: str | Path, *, data: str | Path, model: str | Path, for
                 store.set_meta("kind", "batch")
                 store.set_meta("args", args)
             if record is None:
-                planner = "offline" if config.agent.offline else llm_record(config.agent)
+                planner = planner_record(config.agent)
                 store.set_meta("record", run_record(config, seed=seed, planner=planner,
                                                     classifier={"arch": clf.arch, "classes": clf.class_names}))
             if recorded is not None:

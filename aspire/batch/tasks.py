@@ -110,7 +110,7 @@ def run_unit(job: UnitJob) -> dict:
     store = None
     try:
         from aspire.agent import audit_context, make_planner, run_audit, thread_id
-        from aspire.agent.llm_planner import llm_record
+        from aspire.agent.llm_planner import planner_record
         from aspire.provenance import run_record
         from aspire.workflows.runs import open_run
 
@@ -121,7 +121,7 @@ def run_unit(job: UnitJob) -> dict:
         store = open_run(job.run_dir, "audit", job.inputs.run_args(job.classes),
                          hint="remove it or use another batch folder")
         if store.get_meta("record") is None:
-            planner = "offline" if cfg.agent.offline else llm_record(cfg.agent)
+            planner = planner_record(cfg.agent)
             store.set_meta("record", run_record(cfg, seed=job.inputs.seed, planner=planner,
                                                 classifier={"arch": clf.arch, "classes": clf.class_names},
                                                 batch={"dir": job.inputs.batch_dir, "unit": job.unit}))

@@ -44,7 +44,7 @@ def audit_cmd(
     which are never recorded, come from the environment or from --config FILE named again (only its keys are read)."""
     from aspire.agent import audit_context, auto_approve, context_from_run, make_planner, run_audit, thread_id
     from aspire.agent.chat import terminal_approver
-    from aspire.agent.llm_planner import llm_record
+    from aspire.agent.llm_planner import planner_record
     from aspire.errors import ConfigError
 
     overrides = {k: v for k, v in (("offline", True if offline else None), ("model", llm_model)) if v is not None}
@@ -80,7 +80,7 @@ def audit_cmd(
                        classes=classes, seed=seed, attr=attr, target=target)
         store = open_cli_run(run_dir, "audit", args)
         if store.get_meta("record") is None:
-            planner = "offline" if cfg.agent.offline else llm_record(cfg.agent)
+            planner = planner_record(cfg.agent)
             store.set_meta("record", run_record(cfg, seed=seed, classifier={"arch": clf.arch, "classes": clf.class_names},
                                                 planner=planner))
         thread_id(store)

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from PIL import Image
+from pydantic import ValidationError
 
 from aspire.atomic import write_bytes, write_json, write_text
+from aspire.config import AspireConfig
 from aspire.errors import AspireError
 from aspire.schemas import Edit, EvalResult, Finding, PhraseSet, Probe, Region
 from aspire.store import RunStore
@@ -241,19 +243,22 @@ class RunReport:
         if not isinstance(record, dict):
             return None
         config = record.get("config") if isinstance(record.get("config"), dict) else {}
-        model_ids, seeds = [], []  # backends and model ids of every concern, and every seed
+        seeds = []
 
         def walk(obj: Any, prefix: str) -> None:
             for k, v in obj.items():
-                key = f"{prefix}{k}"
                 if isinstance(v, dict):
-                    walk(v, key + ".")
-                elif isinstance(v, str) and v and (k.endswith(("_id", "backend")) or k in ("model", "chat_model")):
-                    model_ids.append({"key": key, "value": v})
+                    walk(v, f"{prefix}{k}.")
                 elif k == "seed" and v is not None:
-                    seeds.append({"key": key, "value": str(v)})
+                    seeds.append({"key": f"{prefix}{k}", "value": str(v)})
 
         walk(config, "")
+        try:  # the backends this run used and the models they load (not every concern's defaults)
+            used = AspireConfig.model_validate(config).used_models(generated=bool(self.store.get_meta("augmented")))
+        except ValidationError:  # a record of another version of aspire: its backends as recorded
+            used = [(f"{concern}.{k}", str(v)) for concern, values in config.items() if isinstance(values, dict)
+                    for k, v in values.items() if k.endswith("backend") and v]
+        model_ids = [{"key": k, "value": v} for k, v in used]
         if record.get("seed") is not None:
             seeds.insert(0, {"key": "run seed", "value": str(record["seed"])})
         classifier = record.get("classifier") if isinstance(record.get("classifier"), dict) else None
@@ -349,6 +354,7 @@ class RunReport:
                     "paired_drop": (f"{p.prob_drop - ctrl.prob_drop:+.2f}" if ctrl else None),
                     "control_flipped": ctrl.flipped if ctrl else None,
                     "instruction": edit.instruction if edit else None,
+                    "donor": _donor_line(edit), "control_donor": _donor_line(ctrl_edit),
                 })
             out.append({"finding": f, "examples": examples, "n_edits": len(mine)})
         return out, cam_info
@@ -503,6 +509,15 @@ class RunReport:
 
 
 # ---------------------------------------------------------------- helpers
+def _donor_line(edit: Optional[Edit]) -> Optional[str]:
+    """Where a background change took its background from: `<image key> (<its background>)`."""
+    if edit is None or not edit.donor:
+        return None
+    if edit.donor == edit.image:
+        return "its own background"
+    return f"{edit.donor}" + (f" ({edit.donor_background})" if edit.donor_background else "")
+
+
 def _md(text: Any) -> str:
     """Text safe in a Markdown table cell."""
     return (" ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")

@@ -257,7 +257,7 @@ class EditSteps:
             self._skip(sample, phrase, "no other hold-out image with a background of the same group for a control")
             return []
         if same is None:  # the image's whole background, its object inpainted: the compositing artefacts alone
-            same, kind = (image, fg_mask, ~fg_mask), "self-donor"
+            same, kind = (image, fg_mask, ~fg_mask, phrase, sample.image), "self-donor"
         else:
             kind = "same-group-donor"
         real = editor.change_background(sample.image, image, fg_mask, phrase, other[3], seed, out_dir,
@@ -265,7 +265,8 @@ class EditSteps:
         control = editor.change_background(sample.image, image, fg_mask, phrase, phrase, seed, out_dir,
                                            donor=same[:3] if region is not None else same[:2], control=True,
                                            region_mask=region, control_kind=kind)
-        return [real, control]
+        return [edit.model_copy(update={"donor": donor[4], "donor_background": donor[3]})
+                for edit, donor in ((real, other), (control, same))]
 
     def _alternative(self, group: str) -> Optional[str]:
         """The most frequent other background group of the hold-out (for instruction editing)."""
@@ -275,7 +276,7 @@ class EditSteps:
         return max(others, key=lambda t: (t[0], t[1]))[1] if others else None
 
     def _donor(self, sample: Sample, seed: int, wanted: Callable[[str], bool], whole: bool = False):
-        """(image, object mask, background region, phrase) of another hold-out image whose background group is
+        """(image, object mask, background region, phrase, key) of another hold-out image whose background group is
         `wanted`; its object must be found when its region is not, or when its `whole` background is wanted
         (its object is inpainted away then). None when there is none.
 
@@ -301,5 +302,5 @@ class EditSteps:
             region = bg[1] if bg[1] is not None else ~mask
             if not region.any() or (mask is not None and not (region & ~mask).any()):
                 continue
-            return load_image(self.samples[key].path), mask, region, bg[0]
+            return load_image(self.samples[key].path), mask, region, bg[0], key
         return None
