@@ -35,7 +35,7 @@ class Entry(NamedTuple):
 # What a run store may hold. Writing anything else raises (a typo or an undocumented addition);
 # docs/RUN_STORE.md's tables are generated from these (`python -m aspire.store`, and a test checks they agree).
 RUN_META = (
-    Entry("kind", "CLI", "`probe`, `audit`"),
+    Entry("kind", "CLI", "`probe`, `audit` (a probe run becomes an audit with `aspire audit --from-probe`)"),
     Entry("args", "CLI", "workflows.runs.RunArgs `{data, format, model, classes, seed, attr, target}`: a run folder "
                          "refuses other inputs and another kind"),
     Entry("record", "CLI", "reproducibility record (aspire/provenance.py): python, platform, packages, prompt hashes, "

@@ -148,6 +148,30 @@ def test_resume_refuses_other_inputs_and_unknown_folders(toy, tmp_path):
     assert again.returncode == 1 and "holds a probe run, not audit" in again.stderr
 
 
+def test_a_probe_run_becomes_an_audit_only_with_from_probe(toy, tmp_path):
+    run = tmp_path / "probe"
+    probe = subprocess.run([ASPIRE, "probe", "--data", str(toy / "data"), "--model", str(toy / "model.pt"),
+                            "--run-dir", str(run), "--config", str(toy / "config.json")],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    before = {kind: count(run, kind) for kind in ("caption", "phrases", "edit")}
+    refused = audit("--resume", str(run))
+    assert refused.returncode == 1 and f"aspire audit --from-probe {run}" in refused.stderr
+    assert RunStore(run).get_meta("kind") == "probe"   # refusing changed nothing
+    done = audit("--from-probe", str(run), "--yes", "--offline", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "auditing the probe run" in done.stderr and json.loads(done.stdout)["status"] == "done"
+    store = RunStore(run)
+    assert store.get_meta("kind") == "audit" and store.get_meta("record")["planner"] == "offline"
+    assert store.get_meta("evaluation")["after"] and store.get_meta("audit")["thread_id"]
+    store.close()
+    # the probe's work was reused: no image captioned or phrased again, its edits kept
+    assert {k: count(run, k) for k in ("caption", "phrases")} == {k: before[k] for k in ("caption", "phrases")}
+    assert count(run, "edit") >= before["edit"]
+    again = audit("--from-probe", str(run))
+    assert again.returncode == 1 and "already" not in again.stderr and f"aspire audit --resume {run}" in again.stderr
+
+
 def new_audit(toy: Path, run_dir: Path):
     """An in-process audit of the toy model in a new run folder, recorded as `aspire audit --offline` does."""
     from aspire.agent import audit_context

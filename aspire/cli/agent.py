@@ -27,6 +27,8 @@ def audit_cmd(
     classes: Classes = None,
     run_dir: RunDir = None,
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the audit in this run folder (killed or paused)"),
+    from_probe: Optional[Path] = typer.Option(None, "--from-probe", help="continue a probe run as an audit, in its "
+                                              "folder: its captions, phrases and edits are reused"),
     config_file: ConfigFile = None,
     seed: Seed = 0,
     llm_model: LlmModel = None,
@@ -48,18 +50,29 @@ def audit_cmd(
     from aspire.errors import ConfigError
 
     overrides = {k: v for k, v in (("offline", True if offline else None), ("model", llm_model)) if v is not None}
-    # 1. a new run, or the recorded one
-    if resume is not None:
+    # 1. a new run, or the recorded one (a probe run becomes an audit only when asked: --from-probe)
+    if resume is not None and from_probe is not None:
+        raise ConfigError("give --resume RUN_DIR or --from-probe RUN_DIR, not both")
+    if resume is not None or from_probe is not None:
+        flag, folder = ("--resume", resume) if resume is not None else ("--from-probe", from_probe)
         if data is not None or model is not None or run_dir is not None:
-            raise ConfigError("--resume RUN_DIR continues with the inputs the run recorded: "
+            raise ConfigError(f"{flag} RUN_DIR continues with the inputs the run recorded: "
                               "leave out --data, --model and --run-dir")
-        ctx = context_from_run(resume, agent_overrides=overrides, device=device, progress=True,
+        ctx = context_from_run(folder, agent_overrides=overrides, device=device, progress=True,
                                secrets_from=config_file)
-        kind = ctx.pipeline.store.get_meta("kind")
-        if kind != "audit":
-            raise ConfigError(f"{resume}: a {kind} run, not an audit; start an audit in another --run-dir "
-                              "(aspire augment and aspire reprobe work on probe runs)")
-        err.print(f"resuming the audit in {resume}", highlight=False)
+        store = ctx.pipeline.store
+        kind = store.get_meta("kind")
+        if from_probe is not None and kind != "probe":
+            raise ConfigError(f"{folder}: a {kind} run, not a probe run" + (
+                f"; continue it with `aspire audit --resume {folder}`" if kind == "audit" else ""))
+        if from_probe is not None:  # the probe run becomes an audit; its recorded work is reused
+            store.set_meta("kind", "audit")
+            store.set_meta("record", {**(store.get_meta("record") or {}), "planner": planner_record(ctx.config.agent)})
+            thread_id(store)
+        elif kind != "audit":
+            raise ConfigError(f"{folder}: a {kind} run, not an audit; continue a probe run as an audit with "
+                              f"`aspire audit --from-probe {folder}`, or start one in another --run-dir")
+        err.print(f"{'resuming the audit' if resume else 'auditing the probe run'} in {folder}", highlight=False)
     else:
         if data is None or model is None:
             raise ConfigError("aspire audit needs --data DIR and --model MODEL.pt (or --resume RUN_DIR)")
