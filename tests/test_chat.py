@@ -17,7 +17,9 @@ from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.outputs import ChatGenerationChunk
 from rich.console import Console
 
-from aspire.agent.chat import ChatSession, RunTools, terminal_approver
+from aspire.agent.approval import terminal_approver
+from aspire.agent.chat import ChatSession
+from aspire.agent.tools import RunTools
 from aspire.agent.planner import group_key
 from aspire.config import AgentSettings
 from aspire.schemas import Probe

@@ -45,7 +45,7 @@ def audit_cmd(
     A resumed audit keeps the settings the run recorded (flags given on resume are recorded too); API keys,
     which are never recorded, come from the environment or from --config FILE named again (only its keys are read)."""
     from aspire.agent import audit_context, auto_approve, context_from_run, make_planner, run_audit, thread_id
-    from aspire.agent.chat import terminal_approver
+    from aspire.agent.approval import terminal_approver
     from aspire.agent.llm_planner import planner_record
     from aspire.errors import ConfigError
 
@@ -129,7 +129,9 @@ def chat_cmd(
     """Talk with the agent about a run: which features flip a class, the edits of a phrase, probe a phrase,
     approve and retrain. Without an LLM configured it explains how to configure one and answers the
     offline commands (findings, stats, edits, probe, approve). Ctrl-C cancels an answer; Ctrl-D exits."""
-    from aspire.agent.chat import ChatSession, OfflineSession, RunTools
+    from aspire.agent.chat import ChatSession
+    from aspire.agent.offline_chat import OfflineSession
+    from aspire.agent.tools import RunTools
     from aspire import llm
     from aspire.config import load_config
     from aspire.errors import ConfigError

@@ -141,6 +141,38 @@ class PhraseDiscovery:
                 same[region.phrase] = match
         return Propagated(image=sample.image, tried=list(phrases), found=found, same=same)
 
+    def look_for(self, y: int, phrase: str) -> tuple[int, int]:
+        """A concept the captions may never have named (asked for in chat): `phrase` grounded in each of class y's
+        hold-out images whose phrases do not name it. Where it is found in a region of its own, it joins the
+        image's phrases, recorded as propagation records it, so the next edits test it like any phrase.
+        Returns (the class's images looked at, those that show it: named, or found now or before)."""
+        phrase = lexicon.normalize(phrase)
+        keys = [k for k in self.store.get_meta("holdout", []) if self.samples[k].y == y]
+        shown = 0
+        with self.progress(f"looking for {phrase!r}", len(keys)) as advance:
+            for key in keys:
+                advance(1)
+                phrases = self.phrase_set(key)
+                if phrases is None or phrases.failed:
+                    continue
+                named = list(dict.fromkeys([*phrases.foreground, *phrases.background[:1]]))
+                before = self._propagated(key)
+                if any(lexicon.same_phrase(q, phrase) for q in named):
+                    shown += 1
+                    continue
+                if phrase in before.tried:
+                    continue
+                try:
+                    now = self._ground_missing(self.samples[key], named, [phrase])
+                except ITEM_ERRORS as e:
+                    self._failed("edit", self.samples[key], phrase, e)
+                    continue
+                self.store.put("propagated", key, Propagated(
+                    image=key, tried=sorted({*before.tried, phrase}), found=[*before.found, *now.found],
+                    same={**before.same, **now.same}))
+                shown += bool(now.found)
+        return len(keys), shown
+
     def phrase_aliases(self) -> dict[str, str]:
         """{phrase: alias group}: phrases that name the same thing by where the grounder finds them, whatever the
         words. Two phrases are aliases when, looked for in images that name the other, each landed on the
