@@ -23,6 +23,7 @@ from aspire.agent.tools import RunTools
 from aspire.agent.planner import group_key
 from aspire.config import AgentSettings
 from aspire.schemas import Probe
+from aspire.store import RunStore
 from llm_server import LoopbackLLM, content, tool_call
 from test_agent_graph import make_ctx, world  # noqa: F401 - the world fixture
 
@@ -92,8 +93,6 @@ def test_one_real_turn_in_a_terminal(probed):
     found = json.loads(tool_messages[0]["content"])
     assert found["findings"][0]["phrase"] == "red cube" and found["findings"][0]["flip_rate"] == 1.0
     assert "red cube" in requests[0]["messages"][0]["content"]           # the system prompt knows the run
-    from aspire.store import RunStore
-
     chat = RunStore(probed).events("chat")
     assert [c["role"] for c in chat[-3:]] == ["user", "tool", "assistant"]
     assert chat[-1]["content"].startswith("Removing the red cube")
@@ -164,8 +163,6 @@ def test_ctrl_c_cancels_the_answer_and_a_second_exits(probed):
     out = buf.getvalue()
     assert "cancelled" in out and "The red cube." in out and "bye" in out
     assert len(session.messages) == n_messages + 2          # the cancelled turn left nothing behind
-    from aspire.store import RunStore
-
     users = [e for e in RunStore(probed).events("chat") if e["role"] == "user"]
     assert users[-2]["content"] == "why widget?" and users[-2].get("cancelled")
 
@@ -177,7 +174,35 @@ def test_without_an_llm_it_says_how_to_configure_one_and_answers_offline_command
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "No LLM is configured" in proc.stdout and "OPENAI_BASE_URL" in proc.stdout
-    assert "red cube" in proc.stdout and "16 edits of 'red cube', 16 flipped; 16 controls" in proc.stdout
+    assert "widget: red cube (foreground), spurious" in proc.stdout
+    assert "Its 16 edits (16 flip the prediction)" in proc.stdout
+
+
+def test_edits_are_a_findings_group_whatever_member_is_named(probed):
+    """`edits PHRASE` shows the edits of the finding the phrase belongs to: all its member phrases, its class and
+    kind, so its counts are the finding's own."""
+    tools = RunTools(probed)
+    for f in tools.findings_list():
+        for member in f.phrases:
+            res = tools.edits(member, f.class_)
+            assert res["phrase"] == f.phrase and res["n_edits"] == f.occurrences and res["n_flipped"] == f.flips
+    # a phrase of no finding: its own edits (none here), said as such
+    assert tools.edits("purple moon")["finding"] is None and tools.edits("purple moon")["n_edits"] == 0
+
+
+def test_an_llm_that_fails_hands_the_session_to_the_offline_answers_once(probed):
+    buf = io.StringIO()
+    console = Console(file=buf, width=200)
+    with LoopbackLLM([500] * 10) as llm:
+        settings = AgentSettings(base_url=llm.base_url, api_key="x", max_retries=0, timeout_s=5)
+        session = ChatSession(RunTools(probed), settings, console=console)
+        session.turn("what did you find?")
+        session.turn("why does the model call this a widget?")
+        asked = len(llm.requests)
+    out = buf.getvalue()
+    assert out.count("the LLM did not answer") == 1 and "answering without it" in out
+    assert asked == 1                                   # the second question did not wait for the LLM again
+    assert out.count("widget: red cube (foreground), spurious") == 2
 
 
 def test_terminal_approval_prompt_drops_and_adds():
@@ -206,3 +231,82 @@ def test_terminal_approval_prompt_drops_and_adds():
     reject = terminal_approver(Console(file=io.StringIO()), ask=lambda prompt: "reject")
     assert reject({"stage": "retrain", "augmented": {"n_images": 8}, "cost": {}}) == {"decision": "reject"}
     assert group_key(1, "foreground", "red cube") == payload["proposed"][0]
+
+
+@pytest.fixture(scope="module")
+def toy_probe(tmp_path_factory):
+    """`aspire probe` of a tiny toy-waterbirds model that relies on the place (the audit tests' toy world)."""
+    from test_audit_resume import CONFIG
+    from aspire.data.formats import load_dataset
+    from aspire.data.toy.benchmark import write_benchmark
+    from aspire.models.classifier import build_classifier, save_checkpoint
+    from aspire.models.train import train_classifier
+
+    root = tmp_path_factory.mktemp("chat-toy")
+    write_benchmark("toy-waterbirds", root / "data", seed=0, size_px=32, sizes={"train": 40, "val": 10, "test": 16})
+    ds = load_dataset(root / "data")
+    clf = build_classifier("smallcnn", ds.class_names, input_size=32, seed=0)
+    train_classifier(clf, ds.split("train"), [], epochs=4, batch_size=16, lr=0.05, weight_decay=5e-4,
+                     seed=0, augment=False, progress=False)
+    save_checkpoint(clf, root / "model.pt")
+    (root / "config.json").write_text(json.dumps(CONFIG))
+    run = root / "run"
+    proc = subprocess.run([ASPIRE, "probe", "--data", str(root / "data"), "--model", str(root / "model.pt"),
+                           "--run-dir", str(run), "--config", str(root / "config.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run
+
+
+def test_a_free_conversation_without_an_llm_in_a_terminal(toy_probe):
+    """Seven questions in a 120-column pseudo-terminal, answered from the run: each names the finding it is
+    about with its numbers; the evidence comes with half-block thumbnails; an unknown concept is said plainly."""
+    from aspire.agent.tools import RunTools
+
+    tools = RunTools(toy_probe)
+    findings = tools.findings_list()
+    spurious = [f for f in findings if f.spurious]
+    assert spurious, "the toy model relies on the place: the probe must find it"
+    top = spurious[0]
+    other_class = next(c for c in tools.class_names if c != top.class_)
+    effect = f"{top.effect:.3f}"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env.update(COLUMNS="120", LINES="50", TERM="xterm-256color", COLORTERM="truecolor", HF_HUB_OFFLINE="1")
+    child = pexpect.spawn(ASPIRE, ["chat", "--run-dir", str(toy_probe)], env=env, encoding="utf-8", timeout=120,
+                          dimensions=(50, 120))
+    turns = [
+        ("what did you find?", [top.phrase, effect, f"q = {top.q_value:.2g}"]),
+        (f"why does the model call this a {top.class_}?", [f"relies on {top.phrase}", effect]),
+        ("show me the evidence for the strongest finding", [top.phrase, effect, "edited", "/edits/", "▀"]),
+        (f"test whether the model relies on the {top.phrase}", [f"{top.class_}: {top.phrase}", "spurious"]),
+        ("test whether the model relies on the purple moon", ["could not test 'purple moon'", "annotations"]),
+        (f"compare {top.class_} and {other_class}", [f"{top.class_}:", f"{top.phrase} ({top.kind}) {top.effect:+.2f}"]),
+        ("what should I do next?", [f"aspire audit --from-probe {toy_probe}"]),
+    ]
+    raw = []
+    try:
+        child.expect("you>")
+        for question, wanted in turns:
+            child.sendline(question)
+            child.expect("you>")
+            raw.append(child.before)
+            answer = _plain(child.before)
+            for fragment in wanted:
+                assert fragment in answer, (question, fragment, answer[-1500:])
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    # the evidence turn drew its thumbnails in colour (true-colour escapes around half blocks); no other turn did
+    assert "\x1b[38;2;" in raw[2] and raw[2].count("▀") >= 3 * 24
+    assert not any("▀" in r for i, r in enumerate(raw) if i != 2)
+    logged = [e["content"] for e in RunStore(toy_probe).events("chat") if e["role"] == "assistant"]
+    assert len(logged) >= len(turns)
+
+
+def _plain(text: str) -> str:
+    """Terminal output without escape sequences, its lines unwrapped."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")

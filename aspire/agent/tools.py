@@ -285,7 +285,7 @@ def _schema_of(fn: Callable, name: str):
 
 def _not_found_reason(backend: str, looked: tuple[int, int], needed: int) -> str:
     n, shown = looked
-    where = f"found in {shown} of the class's {n} hold-out images (a test needs {needed})"
+    where = f"found it in {shown} of the class's {n} hold-out images (a test needs {needed})"
     if backend == "annotations":
         return (f"no caption names it, and the offline grounder (annotations) {where}: it finds only regions "
                 "annotated under that name. With ground.backend = \"transformers\" (GroundingDINO + SAM) any "
