@@ -15,6 +15,23 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def check_writable(path: str | Path, what: str = "output file") -> None:
+    """Refuse, before any work, a file path that cannot be written: a folder, under a file, or in a folder that is
+    not writable (the folders it needs are created only when it is written)."""
+    from aspire.errors import ConfigError
+
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; the {what} needs a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{path}: cannot be written: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: cannot be written: no permission to write in {parent}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""

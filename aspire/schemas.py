@@ -151,7 +151,7 @@ class Propagated(Record):
 class Failure(Record):
     """A tool's failure on one image (or one phrase of it): the item was skipped and the run went on."""
 
-    stage: Literal["caption", "edit"]
+    stage: Literal["holdout", "caption", "edit"]
     image: str
     phrase: str = ""
     reason: str

@@ -73,8 +73,9 @@ RUN_RECORDS = (
     Entry("edited", "probe step 4a", "marker `image|phrase filter`: all edits of an image are done"),
     Entry("inserted", "probe step 4d", "marker `class index|kind|phrase`: the group's insertion pastes are done"),
     Entry("joint", "probe step 4e", "marker `class index|kind:phrase,...`: the class's joint removals are done"),
-    Entry("failure", "probe steps 2, 4", "Failure (key `stage|image|phrase`): a tool failed on one image or phrase; "
-                                         "it was skipped, and is not retried on resume unless `--retry-skipped`"),
+    Entry("failure", "probe steps 1, 2, 4", "Failure (key `stage|image|phrase`): a tool failed on one image or phrase "
+                                            "(`holdout`: the image could not be read; never retried); it was "
+                                            "skipped, and is not retried on resume unless `--retry-skipped`"),
     Entry("probe", "probe step 4c", "Probe (key: edit id)"),
     Entry("reprobe", "probe reprobe", "Probe: the same edit scored on the model of meta `reprobe`"),
     Entry("reprobe_prediction", "probe reprobe", "tools.probe.Prediction: that model on a source image"),

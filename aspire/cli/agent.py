@@ -81,10 +81,10 @@ def audit_cmd(
         from aspire.provenance import run_record
         from aspire.workflows.runs import RunArgs, check_probe_inputs
 
+        ds = load_dataset(data, format, attr=attr, target=target)
         cfg = probe_config(config_file, annotations, data)
         for key, value in overrides.items():
             setattr(cfg.agent, key, value)
-        ds = load_dataset(data, format, attr=attr, target=target)
         clf = load_checkpoint(model, device=device)
         classes = split_classes(classes)
         check_probe_inputs(ds, clf, cfg, classes)   # before anything is written

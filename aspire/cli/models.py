@@ -58,6 +58,7 @@ def train_cmd(
       subg      SUBG (Idrissi et al. 2022): every group subsampled to the smallest, then ERM
     groupdro, jtt and subg select the epoch by validation worst-group accuracy.
     """
+    from aspire.atomic import check_writable
     from aspire.config import TrainSettings
     from aspire.data.formats import load_dataset
     from aspire.errors import ConfigError, DataError
@@ -65,7 +66,8 @@ def train_cmd(
     from aspire.models.evaluate import evaluate
     from aspire.models.methods import METHODS, Augmentation, MethodSettings, OptimSettings, train_with_method
 
-    # 1. check the method, the model to start from, and fill the arch's defaults
+    # 1. check the output, the method, the model to start from, and fill the arch's defaults
+    check_writable(out_path, "checkpoint")
     method = method.lower()
     if method not in METHODS:
         raise ConfigError(f"unknown --method {method!r}: expected one of {', '.join(METHODS)}")

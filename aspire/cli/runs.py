@@ -17,8 +17,10 @@ from aspire.cli.render import err, findings_table, gate, out, print_json, verdic
 def probe_config(config_file: Optional[Path], annotations: Optional[Path], data: Path):
     """The run's settings: the annotations file feeds the offline caption and ground backends."""
     from aspire.config import load_config
-    from aspire.errors import ConfigError
+    from aspire.errors import ConfigError, DataError
 
+    if not Path(data).expanduser().is_dir():
+        raise DataError(f"{Path(data).expanduser().resolve()}: dataset folder does not exist")
     cfg = load_config(config_file)
     ann = annotations or (data / "annotations.jsonl" if (data / "annotations.jsonl").is_file() else None)
     for concern in (cfg.caption, cfg.ground):
@@ -75,8 +77,8 @@ def probe_cmd(
     from aspire.workflows.runs import RunArgs, check_probe_inputs
 
     # 1. inputs and settings
-    cfg = probe_config(config_file, annotations, data)
     ds = load_dataset(data, format, attr=attr, target=target)
+    cfg = probe_config(config_file, annotations, data)
     clf = load_checkpoint(model, device=device)
     classes = split_classes(classes)
     check_probe_inputs(ds, clf, cfg, classes)   # before anything is written

@@ -134,8 +134,21 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
         return self.holdout()
 
     def _correct(self, samples: Sequence[Sample]) -> list[Sample]:
-        """The samples the classifier gets right; its predictions are recorded (records `prediction`)."""
-        preds = self.tool("prober").predict([s.path for s in samples], [s.y for s in samples])
+        """The samples the classifier gets right; its predictions are recorded (records `prediction`). An image
+        that cannot be read is left out, recorded as a failure (stage `holdout`: the hold-out is chosen once, so
+        `--retry-skipped` does not bring it back)."""
+        prober = self.tool("prober")
+        try:
+            preds = prober.predict([s.path for s in samples], [s.y for s in samples])
+        except DataError:   # which image: one by one
+            readable, preds = [], []
+            for s in samples:
+                try:
+                    preds += prober.predict([s.path], [s.y])
+                    readable.append(s)
+                except DataError as e:
+                    self._failed("holdout", s, "", e)
+            samples = readable
         self.store.put_many("prediction", [(s.image, p) for s, p in zip(samples, preds)])
         return [s for s, p in zip(samples, preds) if p.pred == s.y]
 
@@ -209,10 +222,11 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
         """Forget the recorded failures (`--retry-skipped`): their images are captioned, their phrases extracted
         (a failed phrase set) or their edits made again on the next step; what succeeded before is kept.
         Returns how many there were."""
-        failures = self.store.all("failure", Failure)
+        recorded = self.store.all("failure", Failure)
+        failures = [f for f in recorded if f.stage != "holdout"]
         phrase_failures = [p.image for p in self.store.all("phrases", PhraseSet) if p.failed]
         images = {f.image for f in failures if f.stage == "edit"} | set(phrase_failures)
-        self.store.replace_all("failure", [])
+        self.store.replace_all("failure", [(f"holdout|{f.image}|", f) for f in recorded if f.stage == "holdout"])
         self.store.delete("phrases", phrase_failures)
         self.store.delete("edited", [k for k in self.store.keys("edited") if k.split("|")[0] in images])
         return len(failures) + len(phrase_failures)
