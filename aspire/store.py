@@ -79,7 +79,7 @@ RUN_RECORDS = (
     Entry("probe", "probe step 4c", "Probe (key: edit id)"),
     Entry("reprobe", "probe reprobe", "Probe: the same edit scored on the model of meta `reprobe`"),
     Entry("reprobe_prediction", "probe reprobe", "tools.probe.Prediction: that model on a source image"),
-    Entry("plan", "agent hypothesize", "agent.nodes.PlanRecord (key `round-N`): the planner's hypotheses of a round"),
+    Entry("plan", "agent hypothesize", "agent.planner.Plan (key `round-N`): the planner's hypotheses of a round"),
     Entry("finding", "probe findings", "Finding (key `class index|kind|phrase`; replaced whole on each "
                                        "aggregation; also `findings.json`)"),
 )

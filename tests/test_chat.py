@@ -310,3 +310,18 @@ def _plain(text: str) -> str:
     import re
 
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+
+
+def test_chat_json_answers_one_line_per_question(probed):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    proc = subprocess.run([ASPIRE, "chat", "--run-dir", str(probed), "--json"],
+                          input="what did you find?\n\nwhy does the model call this a widget?\nstats nothing\n",
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["question"] for r in replies] == ["what did you find?", "why does the model call this a widget?",
+                                                "stats nothing"]
+    assert all(r["llm"] is False for r in replies)
+    assert "widget: red cube (foreground), spurious" in replies[0]["answer"]
+    assert "relies on red cube" in replies[1]["answer"]
+    assert replies[2]["answer"] == "'nothing' is not a class of this run; its classes are gizmo, widget."

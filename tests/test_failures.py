@@ -47,6 +47,24 @@ def test_a_bad_mask_skips_its_image_and_the_run_goes_on(tmp_path):
     assert again.store.count("failure") == 0
 
 
+def test_an_unreadable_training_image_is_left_out_of_the_hold_out(tmp_path):
+    world = make_world(tmp_path / "w")
+    (world / "images" / "003.png").write_bytes(b"not a png")     # a widget image
+    pipeline = _pipeline(world, tmp_path / "run")
+    result = pipeline.run()
+    failure, = pipeline.store.all("failure", Failure)
+    assert (failure.stage, failure.image) == ("holdout", "images/003.png") and "corrupt" in failure.reason
+    assert "images/003.png" not in pipeline.store.get_meta("holdout")
+    cube = next(f for f in result.findings if f.phrase == "red cube")
+    assert cube.spurious and cube.occurrences == 11
+    assert pipeline.retry_failed() == 0 and pipeline.store.count("failure") == 1   # chosen once: not retried
+    # a class none of whose images can be read is an error naming the first
+    for i in range(1, 24, 2):
+        (world / "images" / f"{i:03d}.png").write_bytes(b"not a png")
+    with pytest.raises(AspireError, match=r"class 'widget': none of its 12 training images could be read"):
+        _pipeline(world, tmp_path / "run2").run()
+
+
 def test_every_item_failing_is_one_error(tmp_path):
     world = make_world(tmp_path / "w", n_per_class=3)
     for i in range(6):   # every image's own object mask is broken: no image can be grounded

@@ -119,8 +119,7 @@ class ChatSession:
             self.console.print(f"[yellow]the LLM did not answer[/yellow] ({reason}); answering without it from now "
                                "on, from the run's evidence", highlight=False)
             self.offline = OfflineSession(self.tools, self.console)
-        self.offline.command(text)
-        return ""
+        return self.offline.command(text)
 
     def _ask(self):
         """One LLM answer, streamed to the console as it comes; retried with backoff before any output."""

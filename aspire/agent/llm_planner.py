@@ -134,7 +134,7 @@ class LLMPlanner:
         if answer.stop and not answer.hypotheses:
             if request.round == 1 and open_any:
                 raise ValueError("stop was proposed before anything was tested")
-            return Plan([], stop=True, reason=_short(answer.reason or "the LLM proposed to stop"), source=self.name)
+            return Plan(hypotheses=[], stop=True, reason=_short(answer.reason or "the LLM proposed to stop"), source=self.name)
         chosen, seen, ignored = [], set(), []
         per_class: dict[int, int] = {}
         for item in answer.hypotheses:
@@ -153,10 +153,10 @@ class LLMPlanner:
             chosen.append(hypothesis(stat, _short(item.reason), self.name))
         if not chosen:
             if not open_any:
-                return Plan([], stop=True, reason="no untested phrase group is named in enough images to test",
+                return Plan(hypotheses=[], stop=True, reason="no untested phrase group is named in enough images to test",
                             source=self.name)
             raise ValueError("no usable hypothesis: " + ("; ".join(ignored[:3]) or "none proposed"))
         reason = _short(answer.reason or f"round {request.round}: the LLM's hypotheses")
         if ignored:
             reason = _short(f"{reason} (ignored: {'; '.join(ignored[:3])})")
-        return Plan(chosen, reason=reason, source=self.name)
+        return Plan(hypotheses=chosen, reason=reason, source=self.name)

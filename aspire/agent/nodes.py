@@ -18,7 +18,6 @@ from typing import Any, Literal, Optional
 
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
-from pydantic import BaseModel
 
 from aspire.agent.planner import Plan, PlanRequest, finding_for, group_key, phrase_stats, trim_to_budget
 from aspire.agent.state import AuditContext, AuditState, Hypothesis
@@ -27,18 +26,6 @@ from aspire.tools.probe import rank_key
 from aspire.workflows.retrain import retrain_plan as workflow_retrain_plan
 
 DECISIONS = ("approve", "edit", "reject")
-
-
-class PlanRecord(BaseModel):
-    """A round's plan as recorded in the store (record kind `plan`, key `round-<n>`)."""
-
-    round: int
-    hypotheses: list[dict]
-    stop: bool = False
-    reason: str = ""
-    source: str = "planner"
-    llm_calls: int = 0
-    failures: list[str] = []
 
 
 # ---------------------------------------------------------------- helpers
@@ -182,12 +169,12 @@ def hypothesize(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     key = f"round-{rnd}"
 
     # 1. a plan recorded before a crash is reused as it is
-    saved = store.get("plan", key, PlanRecord)
+    saved = store.get("plan", key, Plan)
     if saved is None:
         stats = current_stats(ctx)
         spent = _budget_spent(ctx, state, rnd)
         if spent:
-            plan = Plan([], stop=True, reason=spent, source="budget")
+            plan = Plan(hypotheses=[], stop=True, reason=spent, source="budget")
         else:
             request = PlanRequest(round=rnd, stats=stats, tested=set(state.get("tested", [])),
                                   history=history(store), groups_per_round=settings.groups_per_round,
@@ -199,11 +186,10 @@ def hypothesize(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
             edits_left = settings.max_edits - store.count("edit")
             kept = trim_to_budget(plan.hypotheses, stats, edits_left)
             if plan.hypotheses and not kept:
-                plan = Plan([], stop=True, reason=f"edit budget spent (agent.max_edits={settings.max_edits})",
-                            source=plan.source, llm_calls=plan.llm_calls, failures=plan.failures)
+                plan = plan.model_copy(update={"stop": True, "reason": f"edit budget spent (agent.max_edits="
+                                                                       f"{settings.max_edits})"})
             plan.hypotheses = kept
-        saved = PlanRecord(round=rnd, hypotheses=[dict(h) for h in plan.hypotheses], stop=plan.stop or not plan.hypotheses,
-                           reason=plan.reason, source=plan.source, llm_calls=plan.llm_calls, failures=plan.failures)
+        saved = plan.model_copy(update={"round": rnd, "stop": plan.stop or not plan.hypotheses})
         store.put("plan", key, saved)
 
     # 3. the reasoning trail: LLM failures, then every hypothesis with its reason (each logged once)

@@ -20,7 +20,6 @@ from typing import Optional
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from aspire.agent.chat import CONFIGURE_HELP, chat_loop
@@ -72,7 +71,8 @@ class OfflineSession:
         self.console.print("Without an LLM I answer from the run's evidence. " + HELP, highlight=False)
         return chat_loop(self.console, self.command)
 
-    def command(self, line: str) -> None:
+    def command(self, line: str) -> str:
+        """Answer one question or command (printed, logged, and returned)."""
         self.tools.store.log_event("chat", {"role": "user", "content": line, "offline": True})
         intent, args = self.understand(line)
         self._pictures: list[tuple[str, Optional[str]]] = []
@@ -82,6 +82,7 @@ class OfflineSession:
             self.tools.store.log_event("chat", {"role": "assistant", "content": answer, "offline": True})
         if self._pictures and self._can_draw():
             self.console.print(thumbnails(self._pictures))
+        return answer
 
     def say(self, text: str) -> None:
         self.console.print(Text("aspire> ", style="bold green") + Text(text), soft_wrap=True)
@@ -96,8 +97,8 @@ class OfflineSession:
         first = words[0] if words else ""
         if first in ("findings", "spurious"):
             return "found", {"classes": classes}
-        if first == "stats" and classes:
-            return "stats", {"class_name": classes[0]}
+        if first == "stats":
+            return ("stats", {"class_name": classes[0]}) if classes else ("no_class", {"words": words[1:]})
         if first == "edits" and len(words) > 1:
             return "evidence", {"finding": finding, "phrase": self._rest(words[1:], classes), "classes": classes}
         if first == "probe" and len(words) > 1:
@@ -167,6 +168,10 @@ class OfflineSession:
     # ------------------------------------------------------------ the answers
     def _help(self) -> str:
         return HELP
+
+    def _no_class(self, words: list[str]) -> str:
+        return (f"{' '.join(words) or 'That'!r} is not a class of this run; its classes are "
+                f"{', '.join(self.tools.class_names)}.")
 
     def _unknown(self, line: str) -> str:
         return (f"I cannot tell what {line.strip()!r} asks about: it names no class of this run "
@@ -313,13 +318,13 @@ class OfflineSession:
 
     def _stats(self, class_name: str) -> str:
         res = self.tools.phrase_stats(class_name)
-        table = Table(title=f"phrase groups of {res['class']}: share of its images vs the other classes")
-        for c in ("kind", "phrase", "n", "p_class", "p_other", "lift", "tested"):
-            table.add_column(c)
+        lines = [f"The phrase groups of {res['class']}'s images, by how much more often they come with it than with "
+                 "the other classes (lift):"]
         for g in res["groups"]:
-            table.add_row(*(str(g.get(c, "")) for c in ("kind", "phrase", "n", "p_class", "p_other", "lift", "tested")))
-        self.console.print(table)
-        return ""
+            lift = "n/a" if g.get("lift") is None else f"{g['lift']:.1f}"
+            lines.append(f"  {g['phrase']} ({g['kind']}): in {g['n']} of its images, lift {lift}"
+                         + ("; tested" if g.get("tested") else ""))
+        return "\n".join(lines)
 
     def _approve(self) -> str:
         res = self.tools.approve_and_retrain()

@@ -18,8 +18,10 @@ of them per round; it stops when no such group is left. The graph stops the loop
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
+
+from pydantic import BaseModel
 
 from aspire.agent.state import Hypothesis
 from aspire.schemas import Finding, PhraseSet
@@ -161,14 +163,16 @@ class PlanRequest:
         return [s for s in self.stats.get(y, []) if s.key not in self.tested and s.n_class >= self.min_occurrences]
 
 
-@dataclass
-class Plan:
+class Plan(BaseModel):
+    """A round's plan: what a planner proposes, and what the store records (record `plan`, key `round-<n>`)."""
+
     hypotheses: list[Hypothesis]
     stop: bool = False
     reason: str = ""
     source: str = "planner"
     llm_calls: int = 0
-    failures: list[str] = field(default_factory=list)   # why LLM attempts were not used
+    failures: list[str] = []   # why LLM attempts were not used
+    round: int = 0             # set when recorded
 
 
 class Planner(Protocol):
@@ -198,8 +202,8 @@ class OfflinePlanner:
     def propose(self, request: PlanRequest) -> Plan:
         chosen = [s for y in sorted(request.stats) for s in request.candidates(y)[: request.groups_per_round]]
         if not chosen:
-            return Plan([], stop=True, reason="no untested phrase group is named in enough images to test")
-        return Plan([hypothesis(s, describe(s), self.name) for s in chosen],
+            return Plan(hypotheses=[], stop=True, reason="no untested phrase group is named in enough images to test")
+        return Plan(hypotheses=[hypothesis(s, describe(s), self.name) for s in chosen],
                     reason=f"round {request.round}: the {len(chosen)} untested groups of highest lift")
 
 

@@ -125,10 +125,12 @@ def chat_cmd(
     config_file: ConfigFile = None,
     llm_model: LlmModel = None,
     device: Device = None,
+    json_out: bool = typer.Option(False, "--json", help="read one question per line on stdin, write one JSON "
+                                  "answer per line ({question, answer, llm}) on stdout"),
 ) -> None:
-    """Talk with the agent about a run: which features flip a class, the edits of a phrase, probe a phrase,
-    approve and retrain. Without an LLM configured it explains how to configure one and answers the
-    offline commands (findings, stats, edits, probe, approve). Ctrl-C cancels an answer; Ctrl-D exits."""
+    """Talk with the agent about a run: what was found, why a class, the evidence of a finding, test a concept
+    now, compare classes, what next; approve and retrain. Without an LLM configured (or once it stops answering)
+    it answers from the run's evidence, in sentences. Ctrl-C cancels an answer; Ctrl-D exits."""
     from aspire.agent.chat import ChatSession
     from aspire.agent.offline_chat import OfflineSession
     from aspire.agent.tools import RunTools
@@ -144,9 +146,34 @@ def chat_cmd(
     settings = load_config(config_file).agent
     if llm_model:
         settings.model = llm_model
-    tools = RunTools(run_dir, device=device)
-    session = ChatSession(tools, settings, console=out) if llm.configured(settings) else OfflineSession(tools, out)
-    raise typer.Exit(session.run())
+    tools = RunTools(run_dir, device=device, progress=not json_out)
+    if not json_out:
+        session = ChatSession(tools, settings, console=out) if llm.configured(settings) else OfflineSession(tools, out)
+        raise typer.Exit(session.run())
+    # --json: no terminal, no streaming; each answer as one JSON line
+    import io
+    import json
+
+    from rich.console import Console
+
+    from aspire.errors import AspireError
+
+    quiet = Console(file=io.StringIO())
+    chat = ChatSession(tools, settings.model_copy(update={"stream": False}), console=quiet) \
+        if llm.configured(settings) else None
+    answer = chat.turn if chat is not None else OfflineSession(tools, quiet).command
+    for line in sys.stdin:
+        question = line.strip()
+        if question.lower() in ("quit", "exit"):
+            break
+        if not question:
+            continue
+        try:
+            reply = {"answer": answer(question)}
+        except AspireError as e:
+            reply = {"answer": "", "error": str(e)}
+        reply["llm"] = chat is not None and chat.offline is None
+        print(json.dumps({"question": question, **reply}), flush=True)
 
 
 @app.command("demo")

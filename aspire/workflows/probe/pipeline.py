@@ -128,6 +128,10 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
                 kept += [s.image for s in self._correct(pool[start:start + step])]
                 if len(kept) >= want:
                     break
+            unreadable = [f.reason for s in pool if (f := self.store.get("failure", f"holdout|{s.image}|", Failure))]
+            if len(unreadable) == len(pool):   # every item of the stage failed: an error, not an empty class
+                raise DataError(f"class {self.class_names[y]!r}: none of its {len(pool)} training images could be "
+                                f"read (the first: {unreadable[0]})")
             chosen += sorted(kept[:want])
         self.store.set_meta("holdout", chosen)
         self.store.log_event("holdout", {"n": len(chosen), "classes": [self.class_names[y] for y in self.class_ids]})
