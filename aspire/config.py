@@ -188,7 +188,7 @@ class AgentSettings(LLMSettings):
 
 
 class GenerateSettings(DiffusionMemory):
-    """Step 5: images of a class without its spurious features (tools/generate.py)."""
+    """Step 5: images of a class without its spurious features (tools/generate/)."""
 
     gradient_checkpointing: bool = Field(False, description="textual inversion: recompute the UNet's and text "
                                          "encoder's activations in the backward pass (less memory, slower)")

@@ -325,3 +325,29 @@ def test_chat_json_answers_one_line_per_question(probed):
     assert "widget: red cube (foreground), spurious" in replies[0]["answer"]
     assert "relies on red cube" in replies[1]["answer"]
     assert replies[2]["answer"] == "'nothing' is not a class of this run; its classes are gizmo, widget."
+
+
+def test_offline_questions_are_understood_by_what_they_name_and_ask(probed):
+    from aspire.agent.offline_chat import OfflineSession
+
+    session = OfflineSession(RunTools(probed), Console(file=io.StringIO()))
+
+    def understood(question):
+        intent, args = session.understand(question)
+        finding = args.get("finding")
+        return intent, {k: (v.phrase if k == "finding" and v is not None else v) for k, v in args.items()
+                        if k != "line"} | ({"finding": finding.phrase} if finding else {})
+
+    assert understood("What did you find?") == ("found", {"classes": []})
+    assert understood("why does the model call this a widget?") == ("why", {"class_name": "widget"})
+    assert understood("show me the evidence for the red cube") == (
+        "evidence", {"finding": "red cube", "phrase": "red cube", "classes": []})
+    assert understood("show me the evidence for the strongest finding")[1]["finding"] == "red cube"
+    assert understood("does the model rely on the green bar in widgets?") == (
+        "test", {"phrase": "green bar", "classes": ["widget"]})
+    assert understood("test whether it relies on a purple moon") == ("test", {"phrase": "purple moon", "classes": []})
+    assert understood("compare gizmos vs widgets") == ("compare", {"classes": ["gizmo", "widget"]})
+    assert understood("what should I do next?") == ("next", {})
+    assert understood("probe widget blue disk") == ("test", {"phrase": "blue disk", "classes": ["widget"]})
+    assert understood("edits 'red cube' widget")[0] == "evidence"
+    assert understood("hello there")[0] == "unknown"

@@ -15,6 +15,7 @@ from aspire.config import GenerateSettings
 from aspire.errors import ConfigError, DataError
 from aspire.tools.generate import (Background, ClassJob, Generator, SourceEdit, color_jitter, sha256_file,
                                    token_for)
+from aspire.tools.generate.textual_inversion import TextualInversion
 from tiny_diffusers import build_tiny_sd
 from target_device import DEVICE
 
@@ -46,7 +47,7 @@ def test_textual_inversion_trains_only_the_new_token_saves_reloads_and_generates
     gen = Generator(ti_settings(tiny_sd))
     token = token_for("water bird", 0)
     assert token == "<water-bird-s0>"
-    learned = gen.learn_token(random_images(3), token, seed=0, out_file=tmp_path / "emb.safetensors")
+    learned = gen.textual_inversion.learn_token(random_images(3), token, seed=0, out_file=tmp_path / "emb.safetensors")
 
     # N steps, finite loss
     assert learned.steps == 3 and len(learned.losses) == 3
@@ -58,7 +59,7 @@ def test_textual_inversion_trains_only_the_new_token_saves_reloads_and_generates
     # only the new token's row changed; it moved away from its initializer ("the")
     tok = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     fresh = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").get_input_embeddings().weight
-    trained = gen.last_text_encoder.get_input_embeddings().weight.detach().cpu()
+    trained = gen.textual_inversion.last_text_encoder.get_input_embeddings().weight.detach().cpu()
     assert trained.shape[0] == fresh.shape[0] + 1
     assert torch.equal(trained[:fresh.shape[0]], fresh.detach())
     init_row = fresh[tok.encode("the", add_special_tokens=False)[0]].detach()
@@ -71,20 +72,20 @@ def test_textual_inversion_trains_only_the_new_token_saves_reloads_and_generates
     pipe.load_textual_inversion(str(learned.embedding_file), token=token)
     row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(token)]
     assert torch.equal(row.detach(), saved[token][0])
-    images = gen.sample(learned, seeds=[1, 2, 3])
+    images = gen.textual_inversion.sample(learned, seeds=[1, 2, 3])
     assert [im.size for im in images] == [(PX, PX)] * 3
-    again = gen.sample(learned, seeds=[1, 2, 3])
+    again = gen.textual_inversion.sample(learned, seeds=[1, 2, 3])
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again, images))  # seeded
     # a seed alone gives its image too (on a GPU, up to half precision's batch-size-dependent rounding)
-    alone = np.asarray(gen.sample(learned, seeds=[1])[0], dtype=float)
+    alone = np.asarray(gen.textual_inversion.sample(learned, seeds=[1])[0], dtype=float)
     assert np.abs(alone - np.asarray(images[0], dtype=float)).mean() <= (0.0 if DEVICE == "cpu" else 1.0)
 
 
 def test_gradient_checkpointing_learns_the_same_token(tiny_sd, tmp_path):
     """Recomputing activations in the backward pass saves memory and changes nothing: the same embedding."""
     token = token_for("water bird", 0)
-    plain = Generator(ti_settings(tiny_sd)).learn_token(random_images(3), token, 0, tmp_path / "plain.safetensors")
-    saving = Generator(ti_settings(tiny_sd, gradient_checkpointing=True))
+    plain = TextualInversion(ti_settings(tiny_sd)).learn_token(random_images(3), token, 0, tmp_path / "plain.safetensors")
+    saving = TextualInversion(ti_settings(tiny_sd, gradient_checkpointing=True))
     checked = saving.learn_token(random_images(3), token, 0, tmp_path / "checked.safetensors")
     assert saving._frozen[1].is_gradient_checkpointing and saving.last_text_encoder.is_gradient_checkpointing
     from safetensors.torch import load_file
@@ -111,7 +112,7 @@ def test_learned_token_is_reused_and_generate_yields_records(tiny_sd, tmp_path, 
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(Generator, "_train", no_training)
+    monkeypatch.setattr(TextualInversion, "_train", no_training)
     again = list(Generator(ti_settings(tiny_sd)).generate(job, work_dir=tmp_path))
     assert [np.asarray(g.image).tobytes() for g in again] == [np.asarray(g.image).tobytes() for g in out]
 
@@ -125,9 +126,9 @@ def test_training_out_of_memory_halves_the_batch_and_keeps_the_effective_batch(t
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return torch.zeros(1, 8), [0.5]
 
-    monkeypatch.setattr(Generator, "_train", fake_train)
+    monkeypatch.setattr(TextualInversion, "_train", fake_train)
     gen = Generator(GenerateSettings(backend="textual-inversion", train_batch_size=4))
-    learned = gen.learn_token(random_images(1), "<x-s0>", 0, tmp_path / "x.safetensors")
+    learned = gen.textual_inversion.learn_token(random_images(1), "<x-s0>", 0, tmp_path / "x.safetensors")
     assert calls == [(4, 1), (2, 2), (1, 4)] and learned.steps == 1
 
 
@@ -147,25 +148,25 @@ def test_generation_out_of_memory_halves_the_batch(tmp_path):
             return type("Out", (), {"images": [Image.new("RGB", (width, height))]})()
 
     gen = Generator(GenerateSettings(backend="textual-inversion", batch_size=4, resolution_px=16))
-    gen._pipe = FakePipe()
+    gen.textual_inversion._pipe = FakePipe()
     save_file({"<x-s0>": torch.zeros(1, 8)}, str(tmp_path / "x.safetensors"))
     from aspire.tools.generate import LearnedToken
 
     learned = LearnedToken("<x-s0>", tmp_path / "x.safetensors", "the", 0, 1, (0.1,), "")
-    images = gen.sample(learned, [1, 2, 3])
-    assert len(images) == 3 and gen._pipe.sizes == [3, 2, 1, 1, 1]
+    images = gen.textual_inversion.sample(learned, [1, 2, 3])
+    assert len(images) == 3 and gen.textual_inversion._pipe.sizes == [3, 2, 1, 1, 1]
 
 
 def test_textual_inversion_bad_settings(tiny_sd, tmp_path):
     gen = Generator(ti_settings(tiny_sd, initializer_token="photograph of"))
     with pytest.raises(ConfigError, match="initializer_token"):
-        gen.learn_token(random_images(1), "<a-s0>", 0, tmp_path / "a.safetensors")
+        gen.textual_inversion.learn_token(random_images(1), "<a-s0>", 0, tmp_path / "a.safetensors")
     with pytest.raises(ConfigError, match="prompt_template"):
-        Generator(ti_settings(tiny_sd, prompt_template="a photo of {cls}"))._prompt("<a-s0>")
+        Generator(ti_settings(tiny_sd, prompt_template="a photo of {cls}")).textual_inversion.prompt("<a-s0>")
     with pytest.raises(DataError, match="no training images"):
-        gen.learn_token([], "<a-s0>", 0, tmp_path / "a.safetensors")
+        gen.textual_inversion.learn_token([], "<a-s0>", 0, tmp_path / "a.safetensors")
     with pytest.raises(ConfigError, match="multiple of 8"):
-        Generator(ti_settings(tiny_sd, resolution_px=30)).learn_token(random_images(1), "<a-s0>", 0,
+        Generator(ti_settings(tiny_sd, resolution_px=30)).textual_inversion.learn_token(random_images(1), "<a-s0>", 0,
                                                                       tmp_path / "a.safetensors")
 
 

@@ -11,15 +11,9 @@ from aspire.config import PhraseSettings
 from aspire.errors import ConfigError, DataError
 from aspire.prompts import render_prompt
 from aspire.schemas import Caption, PhraseSet
-from aspire.tools.phrases import (
-    CaptionPhrases,
-    PhraseExtractor,
-    as_tool,
-    chunk_caption,
-    is_label_phrase,
-    label_terms,
-    parse_answer,
-)
+from aspire.tools.lexicon import is_label_phrase, label_terms
+from aspire.tools.phrases import CaptionPhrases, PhraseExtractor, as_tool, parse_answer
+from aspire.tools.phrases_offline import chunk_caption
 from llm_server import Delay, LoopbackLLM, content, structured, tool_call
 
 
@@ -317,8 +311,6 @@ def test_parse_answer_shapes():
 
 
 def test_generic_noun_modified_by_the_label_is_the_label():
-    from aspire.tools.phrases import is_label_phrase, label_terms
-
     terms = label_terms("hexagon")
     assert is_label_phrase("a hexagon shape", terms) and is_label_phrase("hexagon icons", terms)
     assert not is_label_phrase("a red kite", terms) and not is_label_phrase("shape", terms)

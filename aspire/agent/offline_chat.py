@@ -65,6 +65,7 @@ class OfflineSession:
     def __init__(self, tools: RunTools, console: Optional[Console] = None):
         self.tools = tools
         self.console = console or Console()
+        self._pictures: list[tuple[str, Optional[str]]] = []   # (label, path) drawn below the current answer
 
     def run(self) -> int:
         self.console.print(CONFIGURE_HELP, highlight=False)
@@ -75,7 +76,7 @@ class OfflineSession:
         """Answer one question or command (printed, logged, and returned)."""
         self.tools.store.log_event("chat", {"role": "user", "content": line, "offline": True})
         intent, args = self.understand(line)
-        self._pictures: list[tuple[str, Optional[str]]] = []
+        self._pictures = []
         answer = getattr(self, f"_{intent}")(**args)
         if answer:
             self.say(answer)
@@ -124,9 +125,12 @@ class OfflineSession:
 
     def _classes_named(self, text: str) -> list[str]:
         """The run's classes a text names (by name, head noun or plural), in the order it names them."""
+        heads = [lexicon.head(n) for n in self.tools.class_names]
         found = []
-        for name in self.tools.class_names:
-            forms = {lexicon.normalize(name), lexicon.head(name), lexicon.normalize(name.replace("_", " "))} - {""}
+        for name, head in zip(self.tools.class_names, heads):
+            forms = {lexicon.normalize(name), lexicon.normalize(name.replace("_", " "))} - {""}
+            if head and heads.count(head) == 1:   # "bird" names a class only if no other class is a bird
+                forms.add(head)
             spots = [m.start() for form in forms
                      for m in re.finditer(rf"\b{re.escape(form)}(?:e?s)?\b", text)]
             if spots:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from typing import Optional
+from typing import Optional, Sequence
 
 # ---------------------------------------------------------------- word lists
 DETERMINERS = frozenset(
@@ -267,3 +267,25 @@ def slug(text: str, limit: Optional[int] = None, empty: str = "x") -> str:
     """Lowercase letters and digits joined by single dashes, at most `limit` characters; `empty` when none."""
     out = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return (out[:limit].strip("-") if limit else out) or empty
+
+
+# ---------------------------------------------------------------- the label's own object
+def label_terms(class_name: str, synonyms: Sequence[str] = ()) -> list[str]:
+    """The names of the label's own object: the class name (each comma-separated alias), its head noun
+    (compounds split: "waterbird" -> "bird") and the synonyms with their heads."""
+    names = [n for n in re.split(r"[,;/]", class_name.replace("_", " ")) if n.strip()] + list(synonyms)
+    terms: list[str] = []
+    for name in names:
+        for term in (normalize(name), head(name)):
+            if term and term not in terms:
+                terms.append(term)
+    return terms
+
+
+def is_label_phrase(phrase: str, terms: Sequence[str]) -> bool:
+    """Whether `phrase` names the label's object: same canonical words or same head noun as a term
+    ("hexagon shape" has the head "hexagon": head)."""
+    if not terms:
+        return False
+    canon, hd = canonical(phrase), head(phrase)
+    return any(canon == canonical(t) or hd == head(t) for t in terms)

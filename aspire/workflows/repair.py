@@ -15,7 +15,7 @@ names the dataset, its format and the classifier):
    run store's meta `augmented-generic`, so the run's own `augmented` record stays the method's.
    `counts` ({class: n}) caps the images per class and skips the classes it does not name (e.g. the per_class
    of an aspire set, for a generic set of the same size).
-2. generate (tools/generate.py). The offline backend needs each edit's label-object mask (the inverse of a
+2. generate (tools/generate/). The offline backend needs each edit's label-object mask (the inverse of a
    background edit's mask, else the region of `workflows.probe.object_phrases(class)`, eroded by the grounder's
    dilation) and donor backgrounds: images of the run whose recorded phrases (store `phrases` records, then
    annotations.jsonl regions) name a background and none of the class's spurious phrase groups (same phrase,
