@@ -502,7 +502,7 @@ def test_one_stage_of_models_at_a_time_with_the_callers_classifier(run, tmp_path
 
     def job(self, sel, notes):
         out = real_job(self, sel, notes)
-        inpaint = pipeline.tool("editor")._inpaint_pipe
+        inpaint = pipeline.tool("editor").models._inpaint_pipe
         if inpaint is not None:
             unets.append(weakref.ref(inpaint.unet))
         seen.append(("backgrounds", pipeline.resident(), [g.resident for g in generators]))

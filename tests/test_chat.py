@@ -26,6 +26,7 @@ from aspire.schemas import Probe
 from aspire.store import RunStore
 from llm_server import LoopbackLLM, content, tool_call
 from test_agent_graph import make_ctx, world  # noqa: F401 - the world fixture
+from test_audit_resume import toy  # noqa: F401 - the toy world fixture
 
 ASPIRE = str(Path(sys.executable).with_name("aspire"))
 
@@ -234,25 +235,11 @@ def test_terminal_approval_prompt_drops_and_adds():
 
 
 @pytest.fixture(scope="module")
-def toy_probe(tmp_path_factory):
-    """`aspire probe` of a tiny toy-waterbirds model that relies on the place (the audit tests' toy world)."""
-    from test_audit_resume import CONFIG
-    from aspire.data.formats import load_dataset
-    from aspire.data.toy.benchmark import write_benchmark
-    from aspire.models.classifier import build_classifier, save_checkpoint
-    from aspire.models.train import train_classifier
-
-    root = tmp_path_factory.mktemp("chat-toy")
-    write_benchmark("toy-waterbirds", root / "data", seed=0, size_px=32, sizes={"train": 40, "val": 10, "test": 16})
-    ds = load_dataset(root / "data")
-    clf = build_classifier("smallcnn", ds.class_names, input_size=32, seed=0)
-    train_classifier(clf, ds.split("train"), [], epochs=4, batch_size=16, lr=0.05, weight_decay=5e-4,
-                     seed=0, augment=False, progress=False)
-    save_checkpoint(clf, root / "model.pt")
-    (root / "config.json").write_text(json.dumps(CONFIG))
-    run = root / "run"
-    proc = subprocess.run([ASPIRE, "probe", "--data", str(root / "data"), "--model", str(root / "model.pt"),
-                           "--run-dir", str(run), "--config", str(root / "config.json")],
+def toy_probe(toy, tmp_path_factory):  # noqa: F811 - the audit tests' toy world
+    """`aspire probe` of the tiny toy-waterbirds model that relies on the place (the audit tests' toy world)."""
+    run = tmp_path_factory.mktemp("chat-toy") / "run"
+    proc = subprocess.run([ASPIRE, "probe", "--data", str(toy / "data"), "--model", str(toy / "model.pt"),
+                           "--run-dir", str(run), "--config", str(toy / "config.json")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return run

@@ -248,7 +248,7 @@ def test_sd_inpaint_end_to_end(tiny_pipes, tmp_path):
 def test_diffusion_batches_halve_on_out_of_memory(tiny_pipes, tmp_path, monkeypatch):
     editor = Editor(EditSettings(remove_backend="sd-inpaint", inpaint_model_id=str(tiny_pipes[0]),
                                  num_inference_steps=1, working_size_px=32, batch_size=4))
-    real_batch, sizes = editor._sd_inpaint_batch, []
+    real_batch, sizes = editor.models.sd_inpaint, []
 
     def tight_memory(jobs):  # the boundary we cannot reach here: a GPU that fits one image at a time
         sizes.append(len(jobs))
@@ -256,7 +256,7 @@ def test_diffusion_batches_halve_on_out_of_memory(tiny_pipes, tmp_path, monkeypa
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_batch(jobs)
 
-    monkeypatch.setattr(editor, "_sd_inpaint_batch", tight_memory)
+    monkeypatch.setattr(editor.models, "sd_inpaint", tight_memory)
     image, mask = scene()
     edits = editor.remove_many([RemoveRequest(f"{i}.png", image, mask, "red box", i) for i in range(3)], tmp_path)
     assert sizes == [3, 2, 1, 1, 1] and all(Path(e.edited_png).is_file() for e in edits)
@@ -310,11 +310,11 @@ def test_diffusion_memory_switches(tiny_pipes, tmp_path):
     editor = Editor(EditSettings(attention_slicing=True, vae_tiling=True, dtype="bfloat16", **common))
     edit = editor.remove("img.png", image, mask, "red box", 0, tmp_path)
     assert arr(edit.edited_png).shape == np.asarray(image).shape
-    pipe = editor._inpaint_pipe
+    pipe = editor.models._inpaint_pipe
     assert pipe.vae.use_tiling and pipe.unet.dtype == torch.bfloat16
     assert any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values())
     default = Editor(EditSettings(**common))
     default.remove("img.png", image, mask, "red box", 0, tmp_path / "default")
-    assert default._inpaint_pipe.unet.dtype == torch.float32 and not default._inpaint_pipe.vae.use_tiling
+    assert default.models._inpaint_pipe.unet.dtype == torch.float32 and not default.models._inpaint_pipe.vae.use_tiling
     with pytest.raises(ConfigError, match=r"edit.cpu_offload needs a CUDA device \(this run's is cpu\)"):
         Editor(EditSettings(cpu_offload=True, **common)).remove("img.png", image, mask, "red box", 0, tmp_path / "o")
