@@ -22,6 +22,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+Precision = Literal["auto", "float16", "bfloat16", "float32"]  # "auto": float16 on a GPU, float32 on the CPU
+
+
 class HoldoutSettings(Settings):
     fraction: float = Field(0.2, gt=0, le=1, description="p: share of correctly classified training images probed")
     min_per_class: int = Field(100, ge=1, description="at least this many per class (when the class has them): "
@@ -40,6 +43,7 @@ class CaptionSettings(Settings):
     batch_size: int = Field(8, ge=1)
     prompt: Optional[str] = Field(None, description="transformers: text the caption starts from (stripped from the output)")
     device: Optional[str] = None
+    dtype: Precision = Field("auto", description="transformers: the model's precision (auto: float16 on a GPU)")
     annotations: Optional[str] = Field(None, description="annotations backend: path of annotations.jsonl")
     chat_model: str = Field("gpt-4o", description="openai backend: vision chat model name")
     base_url: Optional[str] = Field(None, description="openai backend: endpoint (else OPENAI_BASE_URL, else OpenAI)")
@@ -89,6 +93,8 @@ class GroundSettings(Settings):
     box_threshold: float = Field(0.3, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
     dilation_px: int = Field(10, ge=0, description="mask dilation radius; 0 keeps exact masks as they are")
+    dtype: Precision = Field("auto", description="transformers: SAM's precision (auto: float16 on a GPU); "
+                             "GroundingDINO stays in float32")
     dilation_reference_px: Optional[int] = Field(
         512, ge=1, description="dilation_px applies at this longer image side and scales with it "
         "(the method's 10 px at 512 px); None: dilation_px is absolute")
@@ -97,7 +103,6 @@ class GroundSettings(Settings):
     device: Optional[str] = None
 
 
-Precision = Literal["auto", "float16", "bfloat16", "float32"]
 
 
 class DiffusionMemory(Settings):

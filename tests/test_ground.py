@@ -82,14 +82,15 @@ def test_transformers_end_to_end(tiny_models, tmp_path):
     assert np.array_equal(_png_mask(r.mask_png), union)
 
 
-def test_half_precision_segmenter_gets_half_pixels(tiny_models, tmp_path, monkeypatch):
-    """The GPU path (pick_dtype -> float16) on CPU: SAM's pixels take its convolutions' dtype. (On CUDA the
-    float16 SamModel's `.dtype` said float32 and the old cast crashed; ASPIRE_TEST_DEVICE=cuda checks that.)"""
-    monkeypatch.setattr("aspire.devices.pick_dtype", lambda device: torch.float16)
-    g = _model_grounder(tiny_models, box_threshold=0.0, text_threshold=0.0, dilation_px=0)
+def test_half_precision_segmenter_gets_half_pixels(tiny_models, tmp_path):
+    """ground.dtype = float16 (what "auto" picks on a GPU), on the CPU: SAM's pixels take its convolutions' dtype.
+    (On CUDA the float16 SamModel's `.dtype` said float32 and the old cast crashed; ASPIRE_TEST_DEVICE=cuda checks
+    that.) GroundingDINO stays in float32."""
+    g = _model_grounder(tiny_models, box_threshold=0.0, text_threshold=0.0, dilation_px=0, dtype="float16")
     regions = g.ground("a.png", _image(), ["dog"], tmp_path / "masks")
     assert torch.float16 in {p.dtype for p in g.segmenter.parameters()} and pixel_dtype(g.segmenter) == torch.float16
     assert len(regions) == 1 and regions[0].scores
+    assert {p.dtype for p in g.detector.parameters()} == {torch.float32}
 
 
 def test_transformers_dilation_grows_the_same_union(tiny_models, tmp_path):

@@ -172,7 +172,7 @@ class Captioner:
             raise ModelLoadError(f"{model_id}: captioning model folder does not exist")
         # 2. processor, then the model class that knows this config
         device = pick_device(self.settings.device)
-        dtype = pick_dtype(device)
+        dtype = pick_dtype(device, self.settings.dtype)
         try:
             processor = AutoProcessor.from_pretrained(model_id)
         except Exception as e:  # missing folder, unknown repo, offline hub, bad files: all one user error

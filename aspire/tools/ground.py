@@ -268,7 +268,7 @@ class Grounder:
             raise ModelLoadError(f"{s.segmenter_id}: not a SAM model (model_type {kind!r})")
         try:
             segmenter_processor = SamProcessor.from_pretrained(s.segmenter_id)
-            segmenter = SamModel.from_pretrained(s.segmenter_id, dtype=pick_dtype(device))
+            segmenter = SamModel.from_pretrained(s.segmenter_id, dtype=pick_dtype(device, s.dtype))
         except Exception as e:
             raise ModelLoadError(f"{s.segmenter_id}: cannot load the SAM segmenter ({describe(e)})") from e
         self.detector = detector.to(device).eval()
