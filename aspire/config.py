@@ -152,6 +152,9 @@ class ProbeSettings(Settings):
                             "in the hold-out images whose captions left it out, and test it there too")
     background_min_share: float = Field(0.25, gt=0, le=1, description="a region touching three image sides and "
                                         "covering this share of the pixels outside the label's object is a background")
+    label_objects: dict[str, list[str]] = Field(
+        {}, description="{class: [names]}: what a class's own object is called when its name does not say (the "
+        "CelebA format's \"not X\" classes, attribute classes): never tested as a feature, kept in background changes")
     seed: int = 0
 
 

@@ -124,3 +124,61 @@ def test_hypotheses_restrict_the_edits(world, tmp_path):
     assert {p.phrase for p in probes} == {"red cube"} and all(p.y == 1 for p in probes)
     assert len(probes) == 24 and sum(p.control for p in probes) == 12
     assert all(isinstance(p, Probe) for p in probes)
+
+
+class GreenMeansNotWidget:
+    """A binary attribute classifier, as the CelebA format names its classes: "not widget" when the image shows
+    the green gadget (that class's own object), else "widget"."""
+
+    class_names = ["not widget", "widget"]
+    num_classes = 2
+    arch = "smallcnn"
+    input_size = 32
+
+    def predict_proba(self, images, batch_size=64):
+        out = []
+        for im in images:
+            a = np.asarray(im.convert("RGB")).astype(int)
+            green = ((a[..., 1] > 150) & (a[..., 0] < 80) & (a[..., 2] < 80)).mean() > 0.01
+            out.append([0.95, 0.05] if green else [0.05, 0.95])
+        return np.array(out, dtype=np.float32)
+
+
+def _attribute_world(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(24):
+        y = i % 2
+        img = np.full((SIZE, SIZE, 3), 128, np.uint8) + rng.integers(0, 8, (SIZE, SIZE, 3), dtype=np.uint8)
+        own = _square(24, 4, 16, 12)
+        img[own] = (90, 90, 90) if y else (20, 200, 20)      # the widget, or the gadget of a "not widget"
+        disk = _disk(int(rng.integers(12, 20)), int(rng.integers(40, 52)), 5)
+        img[disk] = (30, 60, 200)
+        name = "widget" if y else "gadget"
+        items.append((img, y, 0, f"a {name} with a blue disk", [(name, own), ("blue disk", disk)]))
+    return write_world(root, items, classes=("not widget", "widget"))
+
+
+def test_a_negated_class_names_its_object_only_by_label_objects(tmp_path):
+    """A class named "not X" (the CelebA format's negatives) names no object of its own: its object is a feature
+    to the probe, found spurious, until probe.label_objects names it."""
+    from aspire.errors import ConfigError
+    from aspire.workflows.runs import check_probe_inputs
+
+    world = _attribute_world(tmp_path / "w")
+    ann = str(world / "annotations.jsonl")
+
+    def run(run_dir, **probe):
+        cfg = load_config(None, {"caption": {"annotations": ann}, "ground": {"annotations": ann},
+                                 "holdout": {"fraction": 1.0}, "probe": probe})
+        return ProbePipeline(load_dataset(world), GreenMeansNotWidget(), cfg, RunStore(run_dir), seed=0).run()
+
+    unnamed = {(f.class_, f.phrase): f for f in run(tmp_path / "unnamed").findings}
+    assert unnamed[("not widget", "gadget")].spurious              # its own object, tested as a feature
+    named = run(tmp_path / "named", label_objects={"not widget": ["gadget"]}).findings
+    assert not any(f.phrase == "gadget" for f in named)            # never tested: it is the class's object
+    assert not any(f.spurious for f in named)
+    # a setting naming a class the classifier does not have is refused before anything runs
+    cfg = load_config(None, {"probe": {"label_objects": {"not a widget": ["gadget"]}}})
+    with pytest.raises(ConfigError, match="probe.label_objects names 'not a widget'"):
+        check_probe_inputs(load_dataset(world), GreenMeansNotWidget(), cfg, None)

@@ -270,10 +270,15 @@ def slug(text: str, limit: Optional[int] = None, empty: str = "x") -> str:
 
 
 # ---------------------------------------------------------------- the label's own object
+NEGATED_CLASS = "not "  # the negative class of a binary attribute (the CelebA format's "not Blond_Hair")
+
+
 def label_terms(class_name: str, synonyms: Sequence[str] = ()) -> list[str]:
     """The names of the label's own object: the class name (each comma-separated alias), its head noun
-    (compounds split: "waterbird" -> "bird") and the synonyms with their heads."""
-    names = [n for n in re.split(r"[,;/]", class_name.replace("_", " ")) if n.strip()] + list(synonyms)
+    (compounds split: "waterbird" -> "bird") and the synonyms with their heads. A negated class ("not X")
+    names no object of its own: only its synonyms (probe.label_objects) name it."""
+    own = [] if class_name.lower().startswith(NEGATED_CLASS) else re.split(r"[,;/]", class_name.replace("_", " "))
+    names = [n for n in own if n.strip()] + list(synonyms)
     terms: list[str] = []
     for name in names:
         for term in (normalize(name), head(name)):

@@ -16,7 +16,7 @@ names the dataset, its format and the classifier):
    `counts` ({class: n}) caps the images per class and skips the classes it does not name (e.g. the per_class
    of an aspire set, for a generic set of the same size).
 2. generate (tools/generate/). The offline backend needs each edit's label-object mask (the inverse of a
-   background edit's mask, else the region of `workflows.probe.object_phrases(class)`, eroded by the grounder's
+   background edit's mask, else the region of `ProbePipeline.object_phrases(class)`, eroded by the grounder's
    dilation) and donor backgrounds: images of the run whose recorded phrases (store `phrases` records, then
    annotations.jsonl regions) name a background and none of the class's spurious phrase groups (same phrase,
    or for background groups the same scene category), with their own label object inpainted away by the
@@ -313,10 +313,7 @@ class _Sources:
     def _inpainted(self, keys: Sequence[str]) -> list[Background]:
         """Backgrounds from the images `keys` in turn (their own label object inpainted away), up to
         max_backgrounds; images whose object is not found are passed over."""
-        from aspire.workflows.probe import object_phrases
-
         editor, out = self.pipeline.tool("editor"), self.store.folder(f"{CACHE}/backgrounds")
-        names = self.pipeline.class_names
         found: list[Background] = []
         for key in keys:
             if len(found) >= self.config.generate.max_backgrounds:
@@ -328,22 +325,24 @@ class _Sources:
             image = load_image(sample.path)
             if mask.shape != (image.height, image.width):
                 continue
-            edit = editor.remove(key, image, mask, object_phrases(names[sample.y])[0],
+            edit = editor.remove(key, image, mask, self._object_name(sample.y),
                                  derive_seed(self.seed, "background", key), out)
             found.append(Background(key, np.array(load_image(edit.edited_png))))
         return found
 
+    def _object_name(self, y: int) -> str:
+        """What a removal of class y's own object is recorded as: its first name, else the class name."""
+        return (self.pipeline.object_phrases(y) or [self.pipeline.class_names[y]])[0]
+
     def _own_backgrounds(self, sel: ClassSelection, sources: Sequence[SourceEdit],
                          dilated: Sequence[Optional[np.ndarray]]) -> list[Background]:
-        from aspire.workflows.probe import object_phrases
-
         editor, out = self.pipeline.tool("editor"), self.store.folder(f"{CACHE}/backgrounds")
         found = []
         for src, mask in zip(sources, dilated):
             if mask is None:
                 continue
             edit = editor.remove(f"edit {src.edit_id}", Image.fromarray(src.edited), mask,
-                                 object_phrases(sel.class_name)[0], derive_seed(self.seed, "own", src.edit_id), out)
+                                 self._object_name(sel.class_index), derive_seed(self.seed, "own", src.edit_id), out)
             found.append(Background(src.image_key, np.array(load_image(edit.edited_png))))
         return found
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from pydantic import BaseModel, ValidationError
 
 from aspire.config import AspireConfig
-from aspire.errors import AspireError, DataError
+from aspire.errors import AspireError, ConfigError, DataError
 from aspire.store import RunStore
 from aspire.tools import lexicon
 
@@ -142,12 +142,17 @@ def resolve_classes(classes: Optional[Sequence[str]], class_names: Sequence[str]
 
 def check_probe_inputs(dataset, classifier, config: AspireConfig, classes: Optional[Sequence[str]]) -> None:
     """What a probe or audit would fail on later, checked before its run folder is created: a classifier of other
-    classes than the data's, an unknown --classes, an annotations file with a bad line or a missing mask."""
+    classes than the data's, an unknown --classes or probe.label_objects class, an annotations file with a bad line
+    or a missing mask."""
     from aspire.data.annotations import read_annotations
     from aspire.models.evaluate import check_classes
 
     check_classes(classifier, dataset)
     resolve_classes(classes, list(classifier.class_names))
+    unknown = sorted(set(config.probe.label_objects) - set(classifier.class_names))
+    if unknown:
+        raise ConfigError(f"probe.label_objects names {unknown[0]!r}, not a class of the classifier "
+                          f"({', '.join(classifier.class_names)})")
     files = {c.annotations for c in (config.caption, config.ground) if c.backend == "annotations" and c.annotations}
     for path in sorted(files):
         read_annotations(path)

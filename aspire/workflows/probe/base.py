@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 
@@ -60,13 +60,13 @@ def edit_seed(seed: int, *parts: str) -> int:
 ALL_CANDIDATES = "all candidates"  # the phrase of a class's joint-removal pair of every candidate group
 
 
-def object_phrases(class_name: str) -> list[str]:
-    """Phrases that name the label's own object: the class name and its head noun ("waterbird" → "bird")."""
-    names = [lexicon.normalize(class_name)]
-    head = lexicon.head(class_name)
-    if head and head not in names:
-        names.append(head)
-    return [n for n in names if n]
+def object_phrases(class_name: str, also: Sequence[str] = ()) -> list[str]:
+    """Phrases that name the label's own object: the class name and its head noun ("waterbird" → "bird"), then
+    `also` (probe.label_objects: other names of it). A negated class ("not Blond_Hair") names no object itself."""
+    names = [] if class_name.lower().startswith(lexicon.NEGATED_CLASS) else \
+        [lexicon.normalize(class_name), lexicon.head(class_name)]
+    names += [lexicon.normalize(a) for a in also]
+    return [n for n in dict.fromkeys(names) if n]
 
 
 def masks_overlap(a: np.ndarray, b: np.ndarray) -> bool:

@@ -18,7 +18,7 @@ from aspire.tools import lexicon
 from aspire.tools.edit import RemoveRequest
 from aspire.tools.ground import region_kind
 from aspire.tools.probe import colour_histogram, merge_by_appearance, merge_phrase_groups
-from aspire.workflows.probe.base import ITEM_ERRORS, edit_seed, object_phrases, phrase_filter_key
+from aspire.workflows.probe.base import ITEM_ERRORS, edit_seed, phrase_filter_key
 
 
 class EditSteps:
@@ -36,7 +36,7 @@ class EditSteps:
     def object_mask(self, sample: Sample) -> Optional[np.ndarray]:
         """The label object's mask in an image (for background changes), or None when it is not found. Cached."""
         if sample.image not in self._object_masks:
-            regions = self.ground(sample.image, object_phrases(self.class_names[sample.y]))
+            regions = self.ground(sample.image, self.object_phrases(sample.y))
             found = next((r for r in regions if r.grounded and r.mask_png), None)
             self._object_masks[sample.image] = None if found is None else load_mask(found.mask_png)
         return self._object_masks[sample.image]

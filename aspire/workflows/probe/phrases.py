@@ -14,7 +14,7 @@ from aspire.schemas import PhraseSet, Propagated, Sample
 from aspire.tools import lexicon
 from aspire.tools.generate import derive_seed
 from aspire.tools.probe import merge_phrase_groups
-from aspire.workflows.probe.base import ITEM_ERRORS, masks_overlap, object_phrases
+from aspire.workflows.probe.base import ITEM_ERRORS, masks_overlap
 
 
 class PhraseDiscovery:
@@ -39,7 +39,7 @@ class PhraseDiscovery:
         group_of = merge_phrase_groups([q for qs in named.values() for q in qs], self.config.probe.merge_similarity)
         groups_in = {k: {group_of[lexicon.normalize(q)] for q in qs} for k, qs in named.items()}
         images = Counter(g for gs in groups_in.values() for g in gs)
-        labels = [o for c in self.class_names for o in object_phrases(c)]
+        labels = [o for y in range(len(self.class_names)) for o in self.object_phrases(y)]
         frequent = [g for g, n in sorted(images.items(), key=lambda t: (-t[1], t[0]))
                     if n >= self.config.probe.min_occurrences and not any(lexicon.same_phrase(g, o) for o in labels)]
         todo = {k: [g for g in frequent if g not in groups_in[k] and g not in self._propagated(k).tried]

@@ -38,7 +38,7 @@ from aspire.schemas import Caption, Edit, Failure, Finding, PhraseSet, Probe, Pr
 from aspire.progress import step_progress
 from aspire.store import RunStore
 from aspire.tools.probe import Prediction, Prober, aggregate_findings, compare_findings, joint_summary
-from aspire.workflows.probe.base import ALL_CANDIDATES, ITEM_ERRORS, ProbeCounts, ProbeResult, Progress
+from aspire.workflows.probe.base import ALL_CANDIDATES, ITEM_ERRORS, ProbeCounts, ProbeResult, Progress, object_phrases
 from aspire.workflows.probe.edits import EditSteps
 from aspire.workflows.probe.further import FurtherTests
 from aspire.workflows.probe.phrases import PhraseDiscovery
@@ -101,6 +101,11 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
             elif name == "prober":
                 self._tools[name] = Prober(self.classifier, self.config.probe)
         return self._tools[name]
+
+    def object_phrases(self, y: int) -> list[str]:
+        """The names of class y's own object (its name, and probe.label_objects)."""
+        name = self.class_names[y]
+        return object_phrases(name, self.config.probe.label_objects.get(name, ()))
 
     def holdout(self) -> list[Sample]:
         return [self.samples[k] for k in self.store.get_meta("holdout", [])]
@@ -194,7 +199,7 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
             with self.progress("extracting phrases", len(captions)) as advance:
                 for start in range(0, len(captions), 64):
                     batch = captions[start:start + 64]
-                    sets = extractor.extract(batch, class_of)
+                    sets = extractor.extract(batch, class_of, synonyms=self.config.probe.label_objects)
                     for p in sets:
                         if p.failed:
                             self.store.log_event("phrase_failure", {"image": p.image, "reason": p.failed})
