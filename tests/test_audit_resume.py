@@ -155,9 +155,12 @@ def test_a_probe_run_becomes_an_audit_only_with_from_probe(toy, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-2000:]
     before = {kind: count(run, kind) for kind in ("caption", "phrases", "edit")}
-    refused = audit("--resume", str(run))
+    recorded = RunStore(run).get_meta("record")
+    refused = audit("--resume", str(run), "--offline")
     assert refused.returncode == 1 and f"aspire audit --from-probe {run}" in refused.stderr
-    assert RunStore(run).get_meta("kind") == "probe"   # refusing changed nothing
+    store = RunStore(run)
+    assert store.get_meta("kind") == "probe" and store.get_meta("record") == recorded   # refusing changed nothing
+    store.close()
     done = audit("--from-probe", str(run), "--yes", "--offline", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "auditing the probe run" in done.stderr and json.loads(done.stdout)["status"] == "done"

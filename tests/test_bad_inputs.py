@@ -77,6 +77,9 @@ CASES = [
     Case("checkpoint of other classes", "probe --data {data} --model {three}", "has 3 classes (a, b, c) but"),
     Case("eval with other classes", "eval --data {data} --model {three}", "has 3 classes (a, b, c) but"),
     Case("unknown --classes", PROBE + " --classes sprocket", "unknown class 'sprocket'"),
+    Case("label objects of an unknown class in a batch",
+         "batch --data {data} --model {model} --config {tmp}/lo.toml --out {tmp}/b",
+         "probe.label_objects names 'sprocket'", _write("lo.toml", '[probe]\nlabel_objects = { sprocket = ["cog"] }\n')),
     Case("unknown --classes in a batch", "batch --data {data} --model {model} --classes sprocket --out {tmp}/b",
          "unknown class 'sprocket'"),
     # annotations

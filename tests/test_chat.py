@@ -338,3 +338,12 @@ def test_offline_questions_are_understood_by_what_they_name_and_ask(probed):
     assert understood("probe widget blue disk") == ("test", {"phrase": "blue disk", "classes": ["widget"]})
     assert understood("edits 'red cube' widget")[0] == "evidence"
     assert understood("hello there")[0] == "unknown"
+
+
+def test_intents_are_whole_words(probed):
+    """"latest" is no test, "what did the probe find" no probe of "find": cues match whole words."""
+    from aspire.agent.offline_chat import OfflineSession
+
+    session = OfflineSession(RunTools(probed), Console(file=io.StringIO()))
+    assert session.understand("what did the probe find?")[0] == "found"
+    assert session.understand("what is the latest on widgets?")[0] == "why"

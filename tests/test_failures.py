@@ -55,6 +55,8 @@ def test_an_unreadable_training_image_is_left_out_of_the_hold_out(tmp_path):
     failure, = pipeline.store.all("failure", Failure)
     assert (failure.stage, failure.image) == ("holdout", "images/003.png") and "corrupt" in failure.reason
     assert "images/003.png" not in pipeline.store.get_meta("holdout")
+    assert result.counts.failures == 1   # a failure, not an edit skipped:
+    assert not any(e["image"] == "images/003.png" for e in pipeline.store.events("skipped"))
     cube = next(f for f in result.findings if f.phrase == "red cube")
     assert cube.spurious and cube.occurrences == 11
     assert pipeline.retry_failed() == 0 and pipeline.store.count("failure") == 1   # chosen once: not retried
@@ -85,7 +87,7 @@ def test_retry_skipped_through_the_console_script(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("ASPIRE_HOLDOUT__FRACTION", "1.0")
     args = ["probe", "--data", str(world), "--model", str(tmp_path / "m.pt"), "--run-dir", str(tmp_path / "run")]
     code, _, err = run_main(monkeypatch, capsys, *args)
-    assert code == 0 and re.search(r"[1-9]\d* skipped", err)   # the run completes, counting the skip
+    assert code == 0 and "1 tool failures" in err and re.search(r"[1-9]\d* edits not made", err)   # counted
     code, _, err = run_main(monkeypatch, capsys, *args, "--retry-skipped")
     assert code == 0 and "retrying 1 recorded failure(s)" in err
 

@@ -1,4 +1,4 @@
-"""tools/generate.py: textual inversion + Stable Diffusion on tiny random components, and the offline
+"""tools/generate/: textual inversion + Stable Diffusion on tiny random components, and the offline
 recombination generator (deterministic, object pixels kept)."""
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The investigation agent: a LangGraph audit over the probe pipeline, planned by an LLM or offline.
 
     graph.py    the wiring diagram          nodes.py    the nodes (verbs) and routers
-    state.py    the state and its reducers  planner.py  the offline planner; llm.py the LLM planner
+    state.py    the state and its reducers  planner.py  the offline planner; llm_planner.py the LLM planner
     runner.py   running or resuming an audit (make_planner, audit_context, context_from_run, run_audit)
-    chat.py     `aspire chat`: the assistant's tools, the LLM and offline sessions, the approval prompt
+    tools.py    what `aspire chat` can look up and do in a run (RunTools; the same as LangChain tools)
+    chat.py     `aspire chat` with an LLM      offline_chat.py  without one (free questions, from the evidence)
+    approval.py the audit's approval prompt in the terminal
 """
 
 from aspire.agent.runner import (CHECKPOINTS, AuditResult, audit_context, auto_approve, context_from_run, make_planner,

@@ -20,9 +20,10 @@ from aspire.agent.tools import RunTools, langchain_tools
 from aspire.config import AgentSettings
 from aspire.errors import AspireError
 
+QUIT = ("quit", "exit", ":q", "bye")   # what ends a session, at the prompt or on stdin (--json)
 MAX_TOOL_STEPS = 6
 HISTORY_MESSAGES = 20
-CONFIGURE_HELP = (f"No LLM is configured. To talk with one, {llm.CONFIGURE}, or agent.base_url / agent.model in a "
+CONFIGURE_HELP = (f"No LLM is configured. To talk with one, {llm.CONFIGURE}, or agent.base_url / agent.api_key in a "
                   "--config file; then run `aspire chat` again.")
 
 
@@ -80,7 +81,7 @@ class ChatSession:
         from langchain_core.messages import HumanMessage, ToolMessage
 
         if self.offline is not None:   # the LLM failed earlier in this session
-            return self._offline(text, "")
+            return self._offline(text, "", log_question=True)
         start = len(self.messages)
         self.messages.append(HumanMessage(content=text))
         self._log("user", content=text)
@@ -107,11 +108,11 @@ class ChatSession:
             del self.messages[start:]
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
             self.tools.store.log_event("llm_failure", {"stage": "chat", "reason": reason})
-            return self._offline(text, reason)
+            return self._offline(text, reason, log_question=False)   # the question is logged already
         self._log("assistant", content=answer)
         return answer
 
-    def _offline(self, text: str, reason: str) -> str:
+    def _offline(self, text: str, reason: str, log_question: bool) -> str:
         """Answer offline from the run's evidence (agent/offline_chat.py); the first time, say why."""
         from aspire.agent.offline_chat import OfflineSession
 
@@ -119,7 +120,7 @@ class ChatSession:
             self.console.print(f"[yellow]the LLM did not answer[/yellow] ({reason}); answering without it from now "
                                "on, from the run's evidence", highlight=False)
             self.offline = OfflineSession(self.tools, self.console)
-        return self.offline.command(text)
+        return self.offline.command(text, log_question=log_question)
 
     def _ask(self):
         """One LLM answer, streamed to the console as it comes; retried with backoff before any output."""
@@ -188,7 +189,7 @@ def chat_loop(console: Console, answer: Callable[[str], Any]) -> int:
         except (KeyboardInterrupt, EOFError):
             console.print("\nbye")
             return 0
-        if text.strip().lower() in ("quit", "exit", ":q", "bye"):
+        if text.strip().lower() in QUIT:
             console.print("bye")
             return 0
         if not text.strip():

@@ -39,8 +39,7 @@ or use the commands: findings [CLASS], stats CLASS, edits PHRASE [CLASS], probe 
 INTENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("help", ("help", "what can you", "how do i use")),
     ("approve", ("approve",)),
-    ("test", ("test", "check whether", "check if", "rely on", "relies on", "depend on", "depends on", "probe",
-              "try ")),
+    ("test", ("test", "check whether", "check if", "rely on", "relies on", "depend on", "depends on")),
     ("compare", ("compare", " vs ", "versus", "differ", "difference between")),
     ("evidence", ("evidence", "show", "example", "image", "picture", "proof", "prove", "edits")),
     ("why", ("why", "because", "reason")),
@@ -72,9 +71,10 @@ class OfflineSession:
         self.console.print("Without an LLM I answer from the run's evidence. " + HELP, highlight=False)
         return chat_loop(self.console, self.command)
 
-    def command(self, line: str) -> str:
+    def command(self, line: str, log_question: bool = True) -> str:
         """Answer one question or command (printed, logged, and returned)."""
-        self.tools.store.log_event("chat", {"role": "user", "content": line, "offline": True})
+        if log_question:
+            self.tools.store.log_event("chat", {"role": "user", "content": line, "offline": True})
         intent, args = self.understand(line)
         self._pictures = []
         answer = getattr(self, f"_{intent}")(**args)
@@ -106,7 +106,8 @@ class OfflineSession:
             return "test", {"phrase": self._rest(words[1:], classes), "classes": classes}
         if first == "summary":
             return "summary", {}
-        intent = next((name for name, cues in INTENTS if any(cue in text for cue in cues)), None)
+        intent = next((name for name, cues in INTENTS if any(re.search(rf"\b{re.escape(cue)}\b", text) for cue in cues)),
+                      None)
         if intent == "test":
             return "test", {"phrase": finding.phrase if finding else self._concept(text, classes), "classes": classes}
         if intent == "evidence":
@@ -225,8 +226,9 @@ class OfflineSession:
             original = str(Path(data_root) / e["image"]) if data_root else e["image"]
             verdict = "flipped" if e["flipped"] else "kept"
             lines.append(f"  - {e['image']}: P({f.class_}) {e['prob_true_before']:.2f} -> {e['prob_true_after']:.2f}"
-                         f" ({verdict}); control ({e['control_kind'] or 'none'}): "
-                         f"{'flipped' if e['control_flipped'] else 'kept'}")
+                         f" ({verdict}); " + ("no control" if e["control_kind"] is None else
+                                              f"control ({e['control_kind']}): "
+                                              f"{'flipped' if e['control_flipped'] else 'kept'}"))
             lines.append(f"      original {original}\n      edited   {e['edited_png']}\n      control  "
                          f"{e['control_png'] or '-'}" + (f"\n      background from {e['donor']}" if e['donor'] else ""))
         if res["edits"]:   # drawn below the answer in a colour terminal

@@ -18,7 +18,7 @@ from aspire.batch.state import BatchStore, UnitState, all_units, batch_lock, get
 from aspire.batch.tasks import Inputs, UnitJob, evaluate_before, repair as repair_task, reprobe_unit, run_unit
 from aspire.config import AspireConfig
 from aspire.errors import AspireError, ConfigError, error_line
-from aspire.workflows.runs import resolve_classes
+from aspire.workflows.runs import check_probe_inputs, resolve_classes
 
 RUNS = "runs"
 REPAIR = "repair"
@@ -76,8 +76,9 @@ def run_batch(batch_dir: str | Path, *, data: str | Path, model: str | Path, for
     config = config or AspireConfig()
     batch_dir = Path(batch_dir).expanduser().resolve()
     data, model = Path(data).expanduser().resolve(), Path(model).expanduser().resolve()
-    load_dataset(data, format, attr=attr, target=target)   # a bad dataset fails here, not in every task
+    dataset = load_dataset(data, format, attr=attr, target=target)   # a bad dataset fails here, not in every task
     clf = load_checkpoint(model, device="cpu")   # class names and the record only
+    check_probe_inputs(dataset, clf, config, classes)   # what every task would fail on, before the batch folder
     names = [clf.class_names[i] for i in resolve_classes(classes, clf.class_names)]
     units = plan_units(names, group_size)
     args = {"data": str(data), "format": format, "model": str(model), "attr": attr, "target": target,

@@ -48,6 +48,7 @@ def audit_cmd(
     from aspire.agent.approval import terminal_approver
     from aspire.agent.llm_planner import planner_record
     from aspire.errors import ConfigError
+    from aspire.workflows.runs import existing_run
 
     overrides = {k: v for k, v in (("offline", True if offline else None), ("model", llm_model)) if v is not None}
     # 1. a new run, or the recorded one (a probe run becomes an audit only when asked: --from-probe)
@@ -58,24 +59,26 @@ def audit_cmd(
         if data is not None or model is not None or run_dir is not None:
             raise ConfigError(f"{flag} RUN_DIR continues with the inputs the run recorded: "
                               "leave out --data, --model and --run-dir")
-        ctx = context_from_run(folder, agent_overrides=overrides, device=device, progress=True,
-                               secrets_from=config_file)
-        store = ctx.pipeline.store
+        store = existing_run(folder)   # its kind first: a refused folder is left as it was
         kind = store.get_meta("kind")
+        store.close()
         if from_probe is not None and kind != "probe":
             raise ConfigError(f"{folder}: a {kind} run, not a probe run" + (
                 f"; continue it with `aspire audit --resume {folder}`" if kind == "audit" else ""))
+        if from_probe is None and kind != "audit":
+            raise ConfigError(f"{folder}: a {kind} run, not an audit; continue a probe run as an audit with "
+                              f"`aspire audit --from-probe {folder}`, or start one in another --run-dir")
+        ctx = context_from_run(folder, agent_overrides=overrides, device=device, progress=True,
+                               secrets_from=config_file)
         if from_probe is not None:  # the probe run becomes an audit; its recorded work is reused
+            store = ctx.pipeline.store
             store.set_meta("kind", "audit")
             store.set_meta("record", {**(store.get_meta("record") or {}), "planner": planner_record(ctx.config.agent)})
             thread_id(store)
-        elif kind != "audit":
-            raise ConfigError(f"{folder}: a {kind} run, not an audit; continue a probe run as an audit with "
-                              f"`aspire audit --from-probe {folder}`, or start one in another --run-dir")
         err.print(f"{'resuming the audit' if resume else 'auditing the probe run'} in {folder}", highlight=False)
     else:
         if data is None or model is None:
-            raise ConfigError("aspire audit needs --data DIR and --model MODEL.pt (or --resume RUN_DIR)")
+            raise ConfigError("aspire audit needs --data DIR and --model MODEL.pt (or --resume / --from-probe RUN_DIR)")
         from aspire.data.formats import load_dataset
         from aspire.models.classifier import load_checkpoint
         from aspire.provenance import run_record
@@ -131,7 +134,7 @@ def chat_cmd(
     """Talk with the agent about a run: what was found, why a class, the evidence of a finding, test a concept
     now, compare classes, what next; approve and retrain. Without an LLM configured (or once it stops answering)
     it answers from the run's evidence, in sentences. Ctrl-C cancels an answer; Ctrl-D exits."""
-    from aspire.agent.chat import ChatSession
+    from aspire.agent.chat import QUIT, ChatSession
     from aspire.agent.offline_chat import OfflineSession
     from aspire.agent.tools import RunTools
     from aspire import llm
@@ -164,7 +167,7 @@ def chat_cmd(
     answer = chat.turn if chat is not None else OfflineSession(tools, quiet).command
     for line in sys.stdin:
         question = line.strip()
-        if question.lower() in ("quit", "exit"):
+        if question.lower() in QUIT:
             break
         if not question:
             continue

@@ -101,8 +101,8 @@ def probe_cmd(
     c = result.counts
     err.print(f"{c.holdout} hold-out images, {c.edits} edits + {c.control_edits} controls, "
               f"{c.insertion_edits} insertion and {c.joint_edits} joint-removal edits, "
-              f"{c.not_grounded} phrases not grounded, {c.phrase_failures} phrase failures, {c.skipped} skipped "
-              "(tool failures and edits without a control: events `skipped`)", highlight=False, soft_wrap=True)
+              f"{c.not_grounded} phrases not grounded, {c.phrase_failures} phrase failures, {c.failures} tool failures "
+              f"(records `failure`), {c.skipped} edits not made (events `skipped`)", highlight=False, soft_wrap=True)
     findings_table(result.findings, f"findings ({len([f for f in result.findings if f.spurious])} spurious)")
     for name, j in result.joint.items():
         err.print(f"{name}: removing its {len(j['shares'])} candidate groups together drops P({name}) by "

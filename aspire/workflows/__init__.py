@@ -1,7 +1,7 @@
 """The method's workflows: what the agent, the batch and the CLI run, built from the tools and the models.
 
     runs.py     opening or resuming a run folder, and loading its recorded dataset, classifier and settings
-    probe.py    steps 1-4 (hold-out → captions → phrases → edits with controls → findings), and the re-probe
+    probe/      steps 1-4 (hold-out → captions → phrases → edits with controls → findings), and the re-probe
                 of a repaired model (`ProbePipeline`)
     repair.py   step 5: select the spurious findings' edits, generate without the features, commit the set
     retrain.py  the classifier retrained with the generated images (one recipe for the audit and the batch)

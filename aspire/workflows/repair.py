@@ -332,7 +332,7 @@ class _Sources:
 
     def _object_name(self, y: int) -> str:
         """What a removal of class y's own object is recorded as: its first name, else the class name."""
-        return (self.pipeline.object_phrases(y) or [self.pipeline.class_names[y]])[0]
+        return (self.pipeline.object_phrases(y) or [lexicon.normalize(self.pipeline.class_names[y])])[0]
 
     def _own_backgrounds(self, sel: ClassSelection, sources: Sequence[SourceEdit],
                          dilated: Sequence[Optional[np.ndarray]]) -> list[Background]:

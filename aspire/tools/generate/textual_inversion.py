@@ -38,8 +38,6 @@ TRAIN_TEMPLATES = (
     "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
 )
 ADAM_WEIGHT_DECAY = 1e-2  # the example's defaults
-OFFLINE = "offline-recombination"
-TEXTUAL_INVERSION = "textual-inversion"
 
 
 class TextualInversion:

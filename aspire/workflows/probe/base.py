@@ -62,11 +62,9 @@ ALL_CANDIDATES = "all candidates"  # the phrase of a class's joint-removal pair 
 
 def object_phrases(class_name: str, also: Sequence[str] = ()) -> list[str]:
     """Phrases that name the label's own object: the class name and its head noun ("waterbird" → "bird"), then
-    `also` (probe.label_objects: other names of it). A negated class ("not Blond_Hair") names no object itself."""
-    names = [] if class_name.lower().startswith(lexicon.NEGATED_CLASS) else \
-        [lexicon.normalize(class_name), lexicon.head(class_name)]
-    names += [lexicon.normalize(a) for a in also]
-    return [n for n in dict.fromkeys(names) if n]
+    `also` (probe.label_objects: other names of it); the same terms the phrase extractor leaves out
+    (lexicon.label_terms). A negated class ("not Blond_Hair") names no object itself."""
+    return lexicon.label_terms(class_name, also)
 
 
 def masks_overlap(a: np.ndarray, b: np.ndarray) -> bool:

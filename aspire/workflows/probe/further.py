@@ -217,5 +217,3 @@ class FurtherTests:
         return editor.change_background(sample.image, image, fg, bg_phrase, bg_phrase, seed, self.store.folder("edits"),
                                         donor=donor, region_mask=region, control_kind=control_kind, label=phrase,
                                         label_kind=kind, **common)
-
-    # ------------------------------------------------------------ 4c. classify and decide

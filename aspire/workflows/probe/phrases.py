@@ -206,5 +206,3 @@ class PhraseDiscovery:
                 if ra != rb:
                     parent[max(ra, rb, key=lambda r: (-named[r], r))] = min(ra, rb, key=lambda r: (-named[r], r))
         return {x: root(x) for x in parent}
-
-    # ------------------------------------------------------------ 4a/4b. ground and edit

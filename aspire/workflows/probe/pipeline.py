@@ -133,8 +133,9 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
                 kept += [s.image for s in self._correct(pool[start:start + step])]
                 if len(kept) >= want:
                     break
-            unreadable = [f.reason for s in pool if (f := self.store.get("failure", f"holdout|{s.image}|", Failure))]
-            if len(unreadable) == len(pool):   # every item of the stage failed: an error, not an empty class
+            unreadable = [] if kept else \
+                [f.reason for s in pool if (f := self.store.get("failure", f"holdout|{s.image}|", Failure))]
+            if unreadable and len(unreadable) == len(pool):   # every item of the stage failed: an error, not an empty class
                 raise DataError(f"class {self.class_names[y]!r}: none of its {len(pool)} training images could be "
                                 f"read (the first: {unreadable[0]})")
             chosen += sorted(kept[:want])
@@ -155,8 +156,9 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
                 try:
                     preds += prober.predict([s.path], [s.y])
                     readable.append(s)
-                except DataError as e:
-                    self._failed("holdout", s, "", e)
+                except DataError as e:   # recorded as a failure, not as an edit skipped
+                    self.store.put("failure", f"holdout|{s.image}|", Failure(
+                        stage="holdout", image=s.image, reason=f"holdout failed: {error_line(e)}"))
             samples = readable
         self.store.put_many("prediction", [(s.image, p) for s, p in zip(samples, preds)])
         return [s for s, p in zip(samples, preds) if p.pred == s.y]
@@ -212,7 +214,7 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
                               f"{failed[0].failed}); fix the phrases backend, then run again with --retry-skipped")
         return sets
 
-    # ------------------------------------------------------------ 3b. what the captions left out
+    # ------------------------------------------------------------ failures and skips
     def _skip(self, sample: Sample, phrase: str, reason: str) -> None:
         self.store.log_event("skipped", {"image": sample.image, "phrase": phrase, "reason": reason})
 
@@ -240,8 +242,7 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
         self.store.delete("edited", [k for k in self.store.keys("edited") if k.split("|")[0] in images])
         return len(failures) + len(phrase_failures)
 
-    # 4a. foreground removal, and a control of the same area elsewhere (or the same mask on a matched image)
-
+    # ------------------------------------------------------------ 4c. classify and decide
     def probe(self) -> list[Probe]:
         edits = [e for e in self.store.all("edit", Edit) if not self.store.has("probe", e.edit_id)]
         if edits:
