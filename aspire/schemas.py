@@ -89,6 +89,10 @@ class PhraseSet(Record):
     failed: Optional[str] = Field(default=None, description="why extraction failed; phrases are empty then")
     backend: str = ""
 
+    def named(self) -> list[str]:
+        """What the image's phrases name: its foreground phrases and its background, each once, in order."""
+        return list(dict.fromkeys([*self.foreground, *self.background[:1]]))
+
 
 class Region(Record):
     image: str

@@ -159,8 +159,7 @@ class EditSteps:
         out_dir = self.store.folder("edits")
         image = load_image(sample.path)
         edits: list[Edit] = []
-        candidates = [p for p in dict.fromkeys([*phrases.foreground, *phrases.background[:1]])
-                      if self._wanted(p, sample.y, only)]
+        candidates = [p for p in phrases.named() if self._wanted(p, sample.y, only)]
         try:   # grounding the image's phrases and its label object
             fg_mask = self.object_mask(sample)
             regions = self._regions(sample, phrases, candidates)

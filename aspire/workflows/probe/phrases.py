@@ -35,7 +35,7 @@ class PhraseDiscovery:
         if not self.config.probe.propagate:
             return sets
         usable = {k: p for k, p in sets.items() if not p.failed}
-        named = {k: list(dict.fromkeys([*p.foreground, *p.background[:1]])) for k, p in usable.items()}
+        named = {k: p.named() for k, p in usable.items()}
         group_of = merge_phrase_groups([q for qs in named.values() for q in qs], self.config.probe.merge_similarity)
         groups_in = {k: {group_of[lexicon.normalize(q)] for q in qs} for k, qs in named.items()}
         images = Counter(g for gs in groups_in.values() for g in gs)
@@ -78,7 +78,7 @@ class PhraseDiscovery:
             mine = [k for k in chosen if self.samples[k].y == y]
             shown = Counter(g for k in mine if (p := self.phrase_set(k)) is not None and not p.failed
                             for g in {group_of.get(lexicon.normalize(q), lexicon.normalize(q))
-                                      for q in [*p.foreground, *p.background[:1]]})
+                                      for q in p.named()})
             need = {g: target - shown[g] for g in frequent if 0 < shown[g] < target}
             room = self.config.holdout.max_per_class - len(mine)
             pool = sorted(s.image for s in self.dataset.split("train")
@@ -155,7 +155,7 @@ class PhraseDiscovery:
                 phrases = self.phrase_set(key)
                 if phrases is None or phrases.failed:
                     continue
-                named = list(dict.fromkeys([*phrases.foreground, *phrases.background[:1]]))
+                named = phrases.named()
                 before = self._propagated(key)
                 if any(lexicon.same_phrase(q, phrase) for q in named):
                     shown += 1
@@ -187,7 +187,7 @@ class PhraseDiscovery:
             phrases = self.phrase_set(rec.image)
             if phrases is None or phrases.failed:
                 continue
-            here = {norm(q) for q in [*phrases.foreground, *phrases.background[:1]]} - {norm(q) for q in rec.found}
+            here = {norm(q) for q in phrases.named()} - {norm(q) for q in rec.found}
             named.update(here)
             tries.update((norm(a), b) for a in rec.tried for b in here)
             hits.update((norm(a), norm(b)) for a, b in rec.same.items())
