@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+from PIL import Image
 
 from cli_main import run_main
 from test_pipeline import make_world
@@ -119,6 +120,12 @@ CASES = [
          "{tmp}/afile/m.pt: cannot be written: {tmp}/afile is a file", _write("afile", "x")),
     Case("train into a folder", "train --data {data} --arch smallcnn --epochs 1 --out {tmp}/folder",
          "{tmp}/folder: is a folder", lambda data, tmp: (tmp / "folder").mkdir()),
+    Case("train on an image too small for the classifier", "train --data {data} --arch smallcnn --epochs 1 --out {tmp}/m.pt",
+         "{data}/images/000.png: image 2x2 is too small for the classifier: each side must be at least 32 px",
+         lambda data, tmp: Image.new("RGB", (2, 2)).save(data / "images" / "000.png")),
+    Case("evaluate an image too small for the classifier", "eval --data {data} --model {model}",
+         "{data}/images/000.png: image 2x2 is too small for the classifier: each side must be at least 16 px",
+         lambda data, tmp: Image.new("RGB", (2, 2)).save(data / "images" / "000.png")),
     Case("unknown split to evaluate", "eval --data {data} --model {model} --split holdout", "'holdout' is not one of",
          code=2),
     Case("reliance without counterfactuals", "reliance --data {data} --model {model}",

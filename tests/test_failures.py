@@ -67,6 +67,17 @@ def test_an_unreadable_training_image_is_left_out_of_the_hold_out(tmp_path):
         _pipeline(world, tmp_path / "run2").run()
 
 
+def test_an_image_too_small_for_the_classifier_is_left_out_of_the_hold_out(tmp_path):
+    world = make_world(tmp_path / "w")
+    Image.new("RGB", (1, 1)).save(world / "images" / "003.png")    # the classifier takes 32 px: at least 16 px
+    pipeline = _pipeline(world, tmp_path / "run")
+    result = pipeline.run()
+    failure, = pipeline.store.all("failure", Failure)
+    assert (failure.stage, failure.image) == ("holdout", "images/003.png")
+    assert "image 1x1 is too small for the classifier: each side must be at least 16 px" in failure.reason
+    assert next(f for f in result.findings if f.phrase == "red cube").spurious
+
+
 def test_every_item_failing_is_one_error(tmp_path):
     world = make_world(tmp_path / "w", n_per_class=3)
     for i in range(6):   # every image's own object mask is broken: no image can be grounded

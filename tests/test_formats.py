@@ -204,3 +204,14 @@ def test_a_checkpoint_of_other_classes_is_refused_and_a_spelling_difference_warn
     check_classes(clf("x", "y", "z"), unnamed)                    # labels only: any checkpoint covering them
     with pytest.raises(DataError, match=r"labels go up to 1 but m.pt has 1 classes"):
         check_classes(clf("x"), unnamed)
+
+
+def test_an_image_too_small_for_the_classifier_names_its_size(tmp_path):
+    from aspire.data.images import min_image_side
+    Image.new("RGB", (178, 218)).save(tmp_path / "face.png")    # CelebA's size, for a 224 px ResNet: enlarged 1.26x
+    assert load_image(tmp_path / "face.png", min_side=min_image_side(224)).size == (178, 218)
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    with pytest.raises(DataError, match=r"dot.png: image 1x1 is too small for the classifier: each side must be "
+                                        r"at least 112 px"):
+        load_image(tmp_path / "dot.png", min_side=min_image_side(224))
+    assert min_image_side(64) == 32 and load_image(tmp_path / "dot.png").size == (1, 1)   # no classifier: any size

@@ -7,7 +7,9 @@ from typing import Optional
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+from aspire.progress import progress_bars
 
 
 class BatchProgress:
@@ -16,9 +18,9 @@ class BatchProgress:
         self.enabled = enabled
         self.running: dict[str, str] = {}     # unit -> label
         self.done = self.failed = 0
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                             console=self.console, disable=not enabled, transient=False)
+        self._bar = progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                  console=self.console, enabled=enabled)
         self._task = self._bar.add_task("batch", total=total, status="")
 
     def __enter__(self) -> "BatchProgress":

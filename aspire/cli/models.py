@@ -170,13 +170,15 @@ def _parse_sizes(sizes: Optional[str]) -> Optional[dict[str, int]]:
 
 
 def _write_toy(name: str, out_dir: Path, seed: int, scale: int, size_px: int, sizes: Optional[str], json_out: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from aspire.progress import progress_bars
 
     from aspire.data.toy import write_benchmark
 
     per_class = _parse_sizes(sizes)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with progress_bars(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"rendering {name}", total=None)
         summary = write_benchmark(name, out_dir, seed=seed, scale=scale, size_px=size_px, sizes=per_class,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from rich.console import Console
-from rich.progress import Progress
+from aspire.progress import progress_bars
 
 from aspire.data.formats import Dataset
 from aspire.data.images import load_image
@@ -61,11 +61,11 @@ def predict_samples(clf: Classifier, samples: Sequence[Sample], batch_size: int 
                     progress: bool = False) -> np.ndarray:
     """Class probabilities (N, C) for samples, loading images one batch at a time."""
     chunks = []
-    with Progress(console=_console, disable=not progress, transient=True) as bar:
+    with progress_bars(console=_console, enabled=progress, transient=True) as bar:
         task = bar.add_task("predicting", total=len(samples))
         for i in range(0, len(samples), batch_size):
             batch = samples[i:i + batch_size]
-            chunks.append(clf.predict_proba([load_image(s.path) for s in batch], batch_size=batch_size))
+            chunks.append(clf.predict_proba([load_image(s.path, min_side=clf.min_image_side) for s in batch], batch_size=batch_size))
             bar.advance(task, len(batch))
     return np.concatenate(chunks) if chunks else np.zeros((0, clf.num_classes), np.float32)
 

@@ -25,10 +25,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from aspire.data.images import load_image
+from aspire.data.images import load_image, min_image_side
 from aspire.devices import deterministic_cudnn, pick_device
 from aspire.errors import ConfigError, DataError
 from aspire.models.classifier import Classifier, resize_to_uint8
+from aspire.progress import progress_bars
 from aspire.schemas import Sample
 
 CACHE_MAX_IMAGES = 20_000
@@ -55,17 +56,19 @@ class ResizedImages(torch.utils.data.Dataset):
         if cache and self.samples:
             task = progress.add_task(f"loading {label}", total=len(self.samples), info="") if progress else None
             out = torch.empty(len(self.samples), 3, size, size, dtype=torch.uint8)
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-                for i, img in enumerate(pool.map(self._load, range(len(self.samples)))):
-                    out[i] = img
-                    if task is not None:
-                        progress.advance(task)
-            if task is not None:
-                progress.remove_task(task)
+            try:
+                with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+                    for i, img in enumerate(pool.map(self._load, range(len(self.samples)))):
+                        out[i] = img
+                        if task is not None:
+                            progress.advance(task)
+            finally:
+                if task is not None:
+                    progress.remove_task(task)
             self.images = out
 
     def _load(self, i: int) -> torch.Tensor:
-        return resize_to_uint8(load_image(self.samples[i].path), self.size)
+        return resize_to_uint8(load_image(self.samples[i].path, min_side=min_image_side(self.size)), self.size)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -191,7 +194,7 @@ def train_classifier(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     started = time.time()
-    with Progress(*columns, console=_console, disable=not progress) as bar, deterministic_cudnn():
+    with progress_bars(*columns, console=_console, enabled=progress) as bar, deterministic_cudnn():
         size = clf.input_size
         cache = should_cache(len(train_samples) + len(val_samples), size)
         train_set = ResizedImages(train_samples, size, cache=cache, progress=bar, label="training images")

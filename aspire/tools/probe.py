@@ -38,7 +38,7 @@ import numpy as np
 from scipy.stats import false_discovery_control, fisher_exact, wilcoxon
 
 from aspire.config import ProbeSettings
-from aspire.data.images import load_image
+from aspire.data.images import load_image, min_image_side
 from aspire.errors import DataError
 from aspire.schemas import AfterRepair, Edit, Finding, Probe, Record, Sample
 from aspire.tools import lexicon
@@ -80,11 +80,12 @@ class Prober:
         size = self.settings.batch_size
         batches = [list(paths[i:i + size]) for i in range(0, len(paths), size)]
         out: list[Prediction] = []
+        min_side = min_image_side(self.classifier.input_size)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(_load_all, batches[0]) if batches else None
+            pending = pool.submit(_load_all, batches[0], min_side) if batches else None
             for i in range(len(batches)):
                 images = pending.result()
-                pending = pool.submit(_load_all, batches[i + 1]) if i + 1 < len(batches) else None
+                pending = pool.submit(_load_all, batches[i + 1], min_side) if i + 1 < len(batches) else None
                 probs = self.classifier.predict_proba(images, batch_size=size)  # (B, C)
                 ys = labels[i * size:i * size + len(images)]
                 out += [Prediction(pred=int(p.argmax()), prob_true=float(p[y]), margin=logit_margin(p, y))
@@ -122,8 +123,8 @@ class Prober:
         return out
 
 
-def _load_all(paths: Sequence[str]) -> list:
-    return [load_image(p) for p in paths]
+def _load_all(paths: Sequence[str], min_side: int) -> list:
+    return [load_image(p, min_side=min_side) for p in paths]
 
 
 def merge_phrase_groups(phrases: Iterable[str], similarity: float = 0.7, *, by_scene: bool = False) -> dict[str, str]:
