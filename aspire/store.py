@@ -7,60 +7,24 @@ duplicates work. Images live under the run folder (`edits/`, `masks/`), named by
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Optional, Sequence, Type, TypeVar
+from typing import Any, Iterable, Optional, Sequence, Type, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from aspire.errors import AspireError
+from aspire.store_schema import RUN_EVENTS, RUN_META, Entry
 
 M = TypeVar("M", bound=BaseModel)
 
-class Entry(NamedTuple):
-    """A documented meta key, record kind or event kind: its name (`<x>` marks a variable part), who writes it,
-    what it holds."""
-
-    name: str
-    writer: str
-    value: str
-
-    def matches(self, key: str) -> bool:
-        return key == self.name or ("<" in self.name and key.startswith(self.name.split("<")[0]))
-
-
-# What a run store may hold. Writing anything else raises (a typo or an undocumented addition);
-# docs/RUN_STORE.md's tables are generated from these (`python -m aspire.store`, and a test checks they agree).
-RUN_META = (
-    Entry("kind", "CLI", "`probe`, `audit` (a probe run becomes an audit with `aspire audit --from-probe`)"),
-    Entry("args", "CLI", "workflows.runs.RunArgs `{data, format, model, classes, seed, attr, target}`: a run folder "
-                         "refuses other inputs and another kind"),
-    Entry("record", "CLI", "reproducibility record (aspire/provenance.py): python, platform, packages, prompt hashes, "
-                           "config, seed, classifier"),
-    Entry("holdout", "probe step 1", "list of image keys (D_hold)"),
-    Entry("holdout_extension", "probe step 1b", "`{class: [image keys]}`: training images that joined the hold-out "
-                                                 "because they show a group too rare in it"),
-    Entry("background_groups", "probe step 4b", "`{background phrase: group}`: near-duplicates merged, then groups "
-                                                "whose regions look alike (colour histograms); donors and findings use it"),
-    Entry("joint_sets", "probe joint removal", "`{class index: tag}`: the candidate set whose joint pairs the findings "
-                                               "read"),
-    Entry("joint", "probe findings", "per class: `{effect, effect_ci, p_value, pairs, shares}` of removing every "
-                                     "candidate group together"),
-    Entry("reprobe", "probe reprobe", "`{model, digest, verdicts, edits}`: the checkpoint the edits were re-scored on "
-                                      "(by sha256: another one starts over), the count of each verdict"),
-    Entry("augmented", "repair", "`{dir, n_images, per_class, manifest, generator}`"),
-    Entry("augmented-generic", "repair", "the same for a generic (baseline) set"),
-    Entry("models", "retrain", "`{before: checkpoint path, after: checkpoint path}`"),
-    Entry("evaluation", "evaluate", "`{before: EvalResult, after: EvalResult}` (JSON of schemas.EvalResult)"),
-    Entry("approvals", "agent review", "list of `{stage, decision, dropped, added, time}`"),
-    Entry("approved_features", "agent review", "the features approved for repair: `{key: \"class_index|kind|phrase\", "
-                                               "class, ...}`"),
-    Entry("audit", "agent", "`{thread_id, status}`: the LangGraph thread in `checkpoints.sqlite` beside the store"),
-    Entry("batch", "batch", "`{dir, unit, repair, retraining}`: the class run belongs to a batch"),
-)
+# What a run store may hold. Writing anything else raises (a typo or an undocumented addition); meta values and
+# event payloads are checked against their types (aspire/store_schema.py). docs/RUN_STORE.md's tables are generated
+# from these (`python -m aspire.store`, and a test checks they agree).
 RUN_RECORDS = (
     Entry("prediction", "probe step 1", "tools.probe.Prediction: the classifier on a source image"),
     Entry("caption", "probe step 2", "Caption"),
@@ -83,32 +47,36 @@ RUN_RECORDS = (
     Entry("finding", "probe findings", "Finding (key `class index|kind|phrase`; replaced whole on each "
                                        "aggregation; also `findings.json`)"),
 )
-RUN_EVENTS = (
-    Entry("holdout", "probe step 1", "`{n, classes}`"),
-    Entry("holdout_extended", "probe step 1b", "`{class: images added}`"),
-    Entry("phrase_failure", "probe step 3", "`{image, reason}`"),
-    Entry("not_grounded", "probe step 4a", "`{image, phrase, reason}`"),
-    Entry("kind_from_mask", "probe step 4a", "`{image, phrase, extractor, mask}`: the mask decided another kind "
-                                             "than the extractor's word"),
-    Entry("skipped", "probe step 4", "`{image, phrase, reason}`: an edit not made"),
-    Entry("reprobe", "probe reprobe", "`{model, digest}`: scoring on a new model began"),
-    Entry("hypothesis", "agent", "`{round, class, phrase, kind, reason, source: llm|planner}`"),
-    Entry("outcome", "agent", "a hypothesis's result with its evidence (effect, q, flips)"),
-    Entry("llm_failure", "agent", "`{round, reason}`"),
-    Entry("approval", "agent", "`{stage, decision, ...}`"),
-    Entry("stage", "agent", "`{stage, ...}`: a stage ran (`reprobe` with the verdicts)"),
-    Entry("chat", "aspire chat", "the conversation, turn by turn"),
-)
-
-
 def store_docs(sections: Iterable[tuple[str, Sequence[Entry]]]) -> str:
-    """Markdown tables of documented entries (docs/RUN_STORE.md's generated part)."""
+    """Markdown tables of documented entries (docs/RUN_STORE.md's generated part), with each type's fields."""
     out = []
     for title, entries in sections:
-        out += [f"### {title}", "", "| name | written by | value |", "|---|---|---|"]
-        out += [f"| `{e.name}` | {e.writer} | {e.value.replace('|', chr(92) + '|')} |" for e in entries]
+        typed = any(e.type is not Any for e in entries)   # records are typed by their pydantic models, named in value
+        out += [f"### {title}", "", "| name | written by | value |" + " type |" * typed, "|---|---|---|" + "---|" * typed]
+        out += [f"| `{e.name}` | {e.writer} | {_cell(e.value)} |" + f" {_cell(describe_type(e.type))} |" * typed
+                for e in entries]
         out.append("")
     return "\n".join(out)
+
+
+def describe_type(t: Any) -> str:
+    """A type as the docs show it: a model as `Name {field: type, ...}` (`…` when it takes more), else its name."""
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        fields = ", ".join(f"{f.alias or name}: {_type_name(f.annotation)}" + ("" if f.is_required() else "?")
+                           for name, f in t.model_fields.items())
+        more = ", …" if t.model_config.get("extra") == "allow" else ""
+        return f"`{t.__name__} {{{fields}{more}}}`"
+    inner = [a for a in get_args(t) if isinstance(a, type) and issubclass(a, BaseModel)]   # list[M], dict[str, M]
+    return "any" if t is Any else ", ".join([f"`{_type_name(t)}`"] + [describe_type(m) for m in inner])
+
+
+def _type_name(t: Any) -> str:
+    text = repr(t) if get_origin(t) is not None else getattr(t, "__name__", repr(t))
+    return text.replace("typing.", "").replace("aspire.schemas.", "").replace("aspire.store_schema.", "")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", chr(92) + "|")
 
 
 SCHEMA = """
@@ -148,18 +116,27 @@ class RunStore:
         return p
 
     # ------------------------------------------------------------ meta
-    def _documented(self, what: str, entries: Sequence[Entry], name: str) -> None:
-        if not any(e.matches(name) for e in entries):
-            raise KeyError(f"{what} {name!r} is not documented (aspire/store.py, docs/RUN_STORE.md)")
+    def _documented(self, what: str, entries: Sequence[Entry], name: str) -> Entry:
+        entry = next((e for e in entries if e.matches(name)), None)
+        if entry is None:
+            raise KeyError(f"{what} {name!r} is not documented (aspire/store_schema.py, docs/RUN_STORE.md)")
+        return entry
 
     def set_meta(self, key: str, value: Any) -> None:
-        self._documented("meta key", self.META, key)
+        """Write meta `key`: a model or plain JSON, checked against the key's type (ValueError naming the key)."""
+        text = json.dumps(_checked(self._documented("meta key", self.META, key), value, f"meta {key!r}"))
         with self._lock, self._conn:
-            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, text))
 
     def get_meta(self, key: str, default: Any = None) -> Any:
+        """Meta `key` as plain JSON (`meta` reads it typed)."""
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        """Meta `key` as its type (store_schema: a model with its defaults filled in), or `default` if unset."""
+        raw = self.get_meta(key)
+        return default if raw is None else _adapter(self._documented("meta key", self.META, key).type).validate_python(raw)
 
     # ------------------------------------------------------------ records
     def put(self, kind: str, key: str, record: BaseModel | dict) -> None:
@@ -203,11 +180,11 @@ class RunStore:
         return self._conn.execute("SELECT COUNT(*) FROM records WHERE kind = ?", (kind,)).fetchone()[0]
 
     # ------------------------------------------------------------ events (the run's log and reasoning trail)
-    def log_event(self, kind: str, payload: dict) -> None:
-        self._documented("event kind", self.EVENTS, kind)
+    def log_event(self, kind: str, payload: dict | BaseModel) -> None:
+        """Append an event, its payload checked against the kind's type (ValueError naming the kind)."""
+        text = json.dumps(_checked(self._documented("event kind", self.EVENTS, kind), payload, f"event {kind!r}"))
         with self._lock, self._conn:
-            self._conn.execute("INSERT INTO events (time, kind, json) VALUES (?, ?, ?)",
-                               (time.time(), kind, json.dumps(payload)))
+            self._conn.execute("INSERT INTO events (time, kind, json) VALUES (?, ?, ?)", (time.time(), kind, text))
 
     def events(self, kind: Optional[str] = None) -> list[dict]:
         sql = "SELECT time, kind, json FROM events" + (" WHERE kind = ?" if kind else "") + " ORDER BY id"
@@ -216,6 +193,21 @@ class RunStore:
 
     def close(self) -> None:
         self._conn.close()
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(t: Any) -> TypeAdapter:
+    return TypeAdapter(t)
+
+
+def _checked(entry: Entry, value: Any, what: str) -> Any:
+    """`value` validated as the entry's type, as JSON (aliases, `class` for `class_`, as written)."""
+    adapter = _adapter(entry.type)
+    try:
+        return adapter.dump_python(adapter.validate_python(value), mode="json", by_alias=True, exclude_unset=True)
+    except ValidationError as e:
+        raise ValueError(f"{what} does not match its type {describe_type(entry.type)}: {e.errors()[0]['loc']} "
+                         f"{e.errors()[0]['msg']}") from None
 
 
 def _dump(record: BaseModel | dict) -> str:
@@ -228,7 +220,7 @@ def run_store_docs() -> str:
     """The generated part of docs/RUN_STORE.md: the run store's and the batch store's documented entries."""
     from aspire.batch.state import BatchStore
 
-    return store_docs([("Run store: meta keys (`store.get_meta(key)`)", RunStore.META),
+    return store_docs([("Run store: meta keys (`store.meta(key)`: typed; `store.get_meta(key)`: JSON)", RunStore.META),
                        ("Run store: record kinds (`store.all(kind, Model)`)", RunStore.RECORDS),
                        ("Run store: events (`store.events(kind)`), in order", RunStore.EVENTS),
                        ("Batch store (`batch.sqlite`): meta keys", BatchStore.META),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,19 +129,23 @@ class Interrupted(FakeMessagesListChatModel):
     """Streams one chunk, then the user presses Ctrl-C; the next answer is plain."""
 
     calls: int = 0
+    seen: list = []
 
     def bind_tools(self, tools, **kwargs):
         return self
 
     def _stream(self, messages, stop=None, run_manager=None, **kwargs):
         self.calls += 1
+        self.seen.append([m.content for m in messages])
         if self.calls == 1:
             yield ChatGenerationChunk(message=AIMessageChunk(content="Partial"))
             raise KeyboardInterrupt
         yield ChatGenerationChunk(message=AIMessageChunk(content="The red cube."))
 
 
-def test_ctrl_c_cancels_the_answer_and_a_second_exits(probed):
+def test_ctrl_c_cancels_the_answer_and_a_second_exits(probed, tmp_path):
+    run = tmp_path / "run"   # a run chatted about before chat.sqlite existed: its logged turns start the thread
+    shutil.copytree(probed, run, ignore=shutil.ignore_patterns("chat.sqlite*"))
     buf = io.StringIO()
     console = Console(file=buf, width=200)
     inputs = iter(["why widget?", "and now?"])
@@ -153,18 +158,19 @@ def test_ctrl_c_cancels_the_answer_and_a_second_exits(probed):
 
     console.input = fake_input
     model = Interrupted(responses=[AIMessage(content="unused")])
-    tools = RunTools(probed)
+    tools = RunTools(run)
     tools.store.log_event("chat", {"role": "user", "content": "an earlier question"})
     tools.store.log_event("chat", {"role": "assistant", "content": "an earlier answer"})
     session = ChatSession(tools, AgentSettings(), console=console, chat_model=model)
-    # the conversation of earlier sessions (kept with the run) is given back to the LLM
-    assert [m.content for m in session.messages[-2:]] == ["an earlier question", "an earlier answer"]
-    n_messages = len(session.messages)
+    # the conversation of earlier sessions (logged with the run) is given back to the LLM
+    assert [m.content for m in session.history()[-2:]] == ["an earlier question", "an earlier answer"]
+    n_messages = len(session.history())
     assert session.run() == 0
     out = buf.getvalue()
     assert "cancelled" in out and "The red cube." in out and "bye" in out
-    assert len(session.messages) == n_messages + 2          # the cancelled turn left nothing behind
-    users = [e for e in RunStore(probed).events("chat") if e["role"] == "user"]
+    assert [m.content for m in session.history()[n_messages:]] == ["and now?", "The red cube."]   # nothing of the
+    assert "why widget?" not in str(model.seen[-1])                           # cancelled turn, nor sent to the LLM
+    users = [e for e in RunStore(run).events("chat") if e["role"] == "user"]
     assert users[-2]["content"] == "why widget?" and users[-2].get("cancelled")
 
 
@@ -204,6 +210,25 @@ def test_an_llm_that_fails_hands_the_session_to_the_offline_answers_once(probed)
     assert out.count("the LLM did not answer") == 1 and "answering without it" in out
     assert asked == 1                                   # the second question did not wait for the LLM again
     assert out.count("widget: red cube (foreground), spurious") == 2
+
+
+def test_a_failed_llm_call_is_retried_from_the_last_checkpoint_without_calling_the_tools_again(probed, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(probed, run, ignore=shutil.ignore_patterns("chat.sqlite*"))
+    buf = io.StringIO()
+    script = [tool_call("findings", {"class_name": "widget", "spurious_only": True}), 500,
+              content("The red cube flips every widget.")]
+    with LoopbackLLM(script) as llm:
+        settings = AgentSettings(base_url=llm.base_url, api_key="x", max_retries=1, backoff_s=0, timeout_s=5,
+                                 stream=False)
+        session = ChatSession(RunTools(run), settings, console=Console(file=buf, width=200))
+        answer = session.turn("what flips widgets?")
+        requests = list(llm.requests)
+    assert answer == "The red cube flips every widget." and "did not answer" not in buf.getvalue()
+    assert len(requests) == 3 and requests[2]["messages"] == requests[1]["messages"]   # the same call again
+    tools = [e for e in RunStore(run).events("chat") if e["role"] == "tool"]
+    assert [t["name"] for t in tools] == ["findings"]                                   # called once
+    assert [m.type for m in session.history()[-4:]] == ["human", "ai", "tool", "ai"]
 
 
 def test_terminal_approval_prompt_drops_and_adds():

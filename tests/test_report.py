@@ -28,11 +28,11 @@ from aspire.schemas import Edit, EvalResult, Finding
 from aspire.store import RunStore
 
 TRAIL = [  # what the agent records: hypotheses, outcomes, approvals, LLM failures (with reasons)
-    ("hypothesis", {"class": "waterbird", "phrase": "boat", "kind": "foreground", "source": "llm",
-                    "reason": "boats appear mostly beside waterbirds"}),
+    ("hypothesis", {"round": 1, "class": "waterbird", "class_index": 1, "phrase": "boat", "kind": "foreground",
+                    "source": "llm", "reason": "boats appear mostly beside waterbirds"}),
     ("llm_failure", {"stage": "hypothesize", "reason": "response was not valid JSON; retried"}),
-    ("outcome", {"class": "waterbird", "phrase": "boat", "kind": "foreground", "spurious": False,
-                 "reason": "edits flip no more often than controls"}),
+    ("outcome", {"round": 1, "class": "waterbird", "class_index": 1, "phrase": "boat", "kind": "foreground",
+                 "source": "llm", "spurious": False, "reason": "edits flip no more often than controls"}),
     ("approval", {"stage": "augment", "decision": "approved", "dropped": [], "added": [],
                   "reason": "reviewer accepted the findings"}),
 ]

@@ -31,12 +31,36 @@ def test_replace_all_meta_and_events(tmp_path):
     assert store.all("finding", Finding)[0].to_json()["class"] == "waterbird"
     store.set_meta("holdout", ["a.png"])
     assert store.get_meta("holdout") == ["a.png"] and store.get_meta("none", 7) == 7
-    store.log_event("hypothesis", {"phrase": "boat"})
-    store.log_event("outcome", {"phrase": "boat", "spurious": True})
-    store.log_event("hypothesis", {"phrase": "sea", "kind": "background"})
+    step = {"round": 1, "class": "waterbird", "class_index": 1, "kind": "foreground", "source": "planner"}
+    store.log_event("hypothesis", {**step, "phrase": "boat"})
+    store.log_event("outcome", {**step, "phrase": "boat", "spurious": True})     # outcomes carry their evidence
+    store.log_event("hypothesis", {**step, "phrase": "sea", "kind": "background"})
     assert [e["event"] for e in store.events()] == ["hypothesis", "outcome", "hypothesis"]
     assert store.events()[2]["kind"] == "background"
     assert store.events("outcome")[0]["spurious"] is True
+
+
+def test_meta_and_events_are_checked_against_their_types_and_read_typed(tmp_path):
+    from aspire.store_schema import AuditMeta, Reprobe
+
+    store = RunStore(tmp_path)
+    with pytest.raises(ValueError, match=r"meta 'reprobe' does not match its type `Reprobe \{model: str, digest: str"):
+        store.set_meta("reprobe", {"model": "after.pt"})                       # no digest
+    with pytest.raises(ValueError, match=r"meta 'audit' .*\('thread\b"):
+        store.set_meta("audit", {"thread": "t-1"})                             # a misspelt field
+    with pytest.raises(ValueError, match=r"meta 'holdout' .*\(0,\) Input should be a valid string"):
+        store.set_meta("holdout", [3])
+    with pytest.raises(ValueError, match=r"event 'skipped' .*\('phrase',\) Field required"):
+        store.log_event("skipped", {"image": "a.png", "reason": "not found"})
+    assert store.events() == [] and store.get_meta("reprobe") is None        # nothing half-written
+
+    store.set_meta("reprobe", Reprobe(model="after.pt", digest="ab12"))      # a model, or its JSON
+    store.set_meta("audit", {"thread_id": "t-1"})
+    reprobe = store.meta("reprobe")
+    assert isinstance(reprobe, Reprobe) and reprobe.verdicts == {} and reprobe.edits is None   # defaults filled in
+    assert store.get_meta("reprobe") == {"model": "after.pt", "digest": "ab12"}       # stored as written
+    assert store.meta("audit") == AuditMeta(thread_id="t-1") and store.meta("models") is None
+    assert store.meta("holdout", []) == []
 
 
 def test_undocumented_keys_are_refused_and_the_doc_is_generated(tmp_path):

@@ -1,16 +1,23 @@
 """`aspire chat`: a terminal conversation about one run with an LLM that calls the run's tools.
 
-    ChatSession(tools, settings).run()      streamed answers, tool calls, history in the store
+    ChatSession(tools, settings).run()      streamed answers, tool calls, the conversation kept with the run
     (without an LLM configured, `aspire chat` runs agent/offline_chat.py's OfflineSession over the same tools)
 
-Ctrl-C while an answer is streaming cancels that answer (the conversation goes on); Ctrl-C or Ctrl-D at the
-prompt, or `quit`, ends the session with exit code 0. Every user question, tool call and answer is logged
-as a `chat` event of the run store, and the previous conversation is given back to the LLM on the next start.
+The agent is LangGraph's prebuilt ReAct agent (`create_react_agent`) over the run's tools, its conversation
+checkpointed in `chat.sqlite` in the run folder (one thread per run: the next `aspire chat` goes on from it; a run
+chatted about before that file existed starts from its logged turns). What the prebuilt agent does not do itself:
+- a failed LLM call is retried with backoff while nothing of that answer was printed, resuming the graph from its
+  last checkpoint (the tools already called are not called again); then the session answers offline;
+- Ctrl-C while an answer streams cancels the turn: the next question forks from the checkpoint before it, so the
+  half turn never reaches the LLM again (Ctrl-C or Ctrl-D at the prompt, or `quit`, ends the session, exit 0);
+- every question, tool call and answer is also logged as a `chat` event of the run store (the offline mode and the
+  report read them).
 """
 
 from __future__ import annotations
 
-import json
+import sqlite3
+import warnings
 from typing import Any, Callable, Optional
 
 from rich.console import Console
@@ -22,10 +29,11 @@ from aspire.errors import AspireError
 
 QUIT = ("quit", "exit", ":q", "bye")   # what ends a session, at the prompt or on stdin (--json)
 MAX_TOOL_STEPS = 6
-HISTORY_MESSAGES = 20
+HISTORY_MESSAGES = 20                  # of the conversation, what the LLM is given back
+CHAT_CHECKPOINTS = "chat.sqlite"
+THREAD = {"configurable": {"thread_id": "chat"}}
 CONFIGURE_HELP = (f"No LLM is configured. To talk with one, {llm.CONFIGURE}, or agent.base_url / agent.api_key in a "
                   "--config file; then run `aspire chat` again.")
-
 
 
 # ---------------------------------------------------------------- the conversation
@@ -34,16 +42,24 @@ class ChatSession:
 
     def __init__(self, tools: RunTools, settings: AgentSettings, *, console: Optional[Console] = None,
                  chat_model: Any = None):
-        from langchain_core.messages import SystemMessage
+        from langgraph.checkpoint.sqlite import SqliteSaver
+        from langgraph.prebuilt import create_react_agent
 
         self.tools = tools
         self.settings = settings
         self.console = console or Console()
-        self._lc_tools = {t.name: t for t in langchain_tools(tools)}
-        base = chat_model if chat_model is not None else llm.chat_model(settings, "agent")
-        self.model = base.bind_tools(list(self._lc_tools.values()))
-        self.messages: list = [SystemMessage(content=self.system_prompt())] + self._history()
+        model = chat_model if chat_model is not None else llm.chat_model(settings, "agent")
+        if not settings.stream:
+            model = model.model_copy(update={"disable_streaming": True})
+        self._conn = sqlite3.connect(tools.run_dir / CHAT_CHECKPOINTS, check_same_thread=False)
+        with warnings.catch_warnings():   # its successor, langchain.agents.create_agent, is not in the pinned set
+            warnings.filterwarnings("ignore", message="create_react_agent has been moved")
+            self.agent = create_react_agent(model, langchain_tools(tools), prompt=self._prompt,
+                                            checkpointer=SqliteSaver(self._conn))
+        if not self.agent.get_state(THREAD).values:   # a new thread: the turns logged before, or nothing
+            self.agent.update_state(THREAD, {"messages": self._logged_history()})
         self.offline = None   # the offline session that answers once the LLM has failed
+        self._fork: Optional[dict] = None   # the checkpoint the next turn starts from, after a cancelled one
 
     def system_prompt(self) -> str:
         from aspire.prompts import render_prompt
@@ -61,7 +77,18 @@ class ChatSession:
         return render_prompt("chat_system", run_dir=s["run_dir"], kind=s["kind"] or "unknown", status=s["status"],
                              classes=s["classes"], counts=counts, spurious=spurious, n_findings=s["findings"])
 
-    def _history(self) -> list:
+    def _prompt(self, state: dict) -> list:
+        """What the LLM is given: the system prompt (the run as it is now) and the recent conversation, cut where
+        a question begins (never between a tool call and its result)."""
+        from langchain_core.messages import HumanMessage, SystemMessage
+
+        messages = list(state["messages"])
+        recent = messages[-HISTORY_MESSAGES:]
+        while len(recent) < len(messages) and recent and not isinstance(recent[0], HumanMessage):
+            recent = recent[1:]
+        return [SystemMessage(content=self.system_prompt())] + recent
+
+    def _logged_history(self) -> list:
         from langchain_core.messages import AIMessage, HumanMessage
 
         out = []
@@ -72,45 +99,88 @@ class ChatSession:
                 out.append(AIMessage(content=e["content"]))
         return out[-HISTORY_MESSAGES:]
 
+    def history(self) -> list:
+        """The conversation the agent holds (its checkpointed messages)."""
+        return list(self.agent.get_state(THREAD).values.get("messages", []))
+
     def _log(self, role: str, **payload: Any) -> None:
         self.tools.store.log_event("chat", {"role": role, **payload})
 
     # ------------------------------------------------------------ one turn
     def turn(self, text: str) -> str:
         """Answer one question (streamed), calling tools as the LLM asks. Ctrl-C cancels it (re-raised)."""
-        from langchain_core.messages import HumanMessage, ToolMessage
+        from langchain_core.messages import HumanMessage
 
         if self.offline is not None:   # the LLM failed earlier in this session
             return self._offline(text, "", log_question=True)
-        start = len(self.messages)
-        self.messages.append(HumanMessage(content=text))
+        config = self._fork or THREAD
+        before = self.agent.get_state(config).config     # the checkpoint to fork from if the turn is dropped
         self._log("user", content=text)
-        answer = ""
+        todo: Any = {"messages": [HumanMessage(content=text)]}
         try:
-            for _ in range(MAX_TOOL_STEPS):
-                ai = self._ask()
-                self.messages.append(ai)
-                answer = llm.text_of(ai.content)
-                if not ai.tool_calls:
+            for attempt in llm.attempts(self.settings):
+                printed = [False]
+                try:
+                    self._stream(todo, config, printed)
                     break
-                for call in ai.tool_calls:
-                    result = self._call_tool(call)
-                    self.messages.append(ToolMessage(content=result, tool_call_id=call["id"], name=call["name"]))
-            else:
-                answer = answer or "(stopped after too many tool calls)"
+                except Exception:   # retried while nothing of the failed answer was shown
+                    if printed[0] or attempt == self.settings.max_retries:
+                        raise
+                    todo, config = None, THREAD   # resume from the last checkpoint (tools called stay called)
         except KeyboardInterrupt:
-            del self.messages[start:]
+            self._fork = before
             self._log("user", content=text, cancelled=True)
             raise
         except AspireError:
+            self._fork = before
             raise
         except Exception as e:  # noqa: BLE001 - the LLM failed: the rest of the session is answered offline
-            del self.messages[start:]
+            self._fork = before
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
             self.tools.store.log_event("llm_failure", {"stage": "chat", "reason": reason})
             return self._offline(text, reason, log_question=False)   # the question is logged already
+        self._fork = None
+        last = self.history()[-1]
+        answer = llm.text_of(last.content) if last.type == "ai" else ""
         self._log("assistant", content=answer)
         return answer
+
+    def _stream(self, todo: Any, config: dict, printed: list[bool]) -> None:
+        """Run the agent on `todo`, printing the answer's tokens as they come and each tool call; `printed[0]`
+        turns true once anything of the current LLM answer was shown."""
+        calls: dict[str, dict] = {}
+        started = False
+        limit = {"recursion_limit": 2 * MAX_TOOL_STEPS + 1}
+        for mode, chunk in self.agent.stream(todo, {**config, **limit}, stream_mode=["messages", "updates"],
+                                              durability="sync"):
+            if mode == "messages":
+                message, meta = chunk
+                piece = llm.text_of(message.content) if meta.get("langgraph_node") == "agent" else ""
+                if piece:
+                    if not started:
+                        self.console.print("[bold green]aspire>[/bold green] ", end="")
+                        started = True
+                    self.console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+                    self.console.file.flush()
+                    printed[0] = True
+                continue
+            for node, update in chunk.items():
+                for message in (update or {}).get("messages", []):
+                    if node == "agent":
+                        if started:
+                            self.console.print()
+                            started = False
+                        printed[0] = False   # the next LLM answer may be retried again
+                        for call in message.tool_calls:
+                            calls[call["id"]] = call
+                            shown = ", ".join(f"{k}={v!r}" for k, v in (call.get("args") or {}).items())
+                            self.console.print(f"[dim]· {call['name']}({shown})[/dim]", highlight=False)
+                    elif node == "tools":
+                        call = calls.get(message.tool_call_id, {})
+                        self._log("tool", name=message.name, args=call.get("args") or {},
+                                  content=str(message.content)[:2000])
+        if started:
+            self.console.print()
 
     def _offline(self, text: str, reason: str, log_question: bool) -> str:
         """Answer offline from the run's evidence (agent/offline_chat.py); the first time, say why."""
@@ -121,58 +191,6 @@ class ChatSession:
                                "on, from the run's evidence", highlight=False)
             self.offline = OfflineSession(self.tools, self.console)
         return self.offline.command(text, log_question=log_question)
-
-    def _ask(self):
-        """One LLM answer, streamed to the console as it comes; retried with backoff before any output."""
-        from langchain_core.messages import AIMessage
-
-        last = self.settings.max_retries
-        for attempt in llm.attempts(self.settings):
-            printed = False
-            try:
-                if self.settings.stream:
-                    full = None
-                    try:
-                        for chunk in self.model.stream(self.messages):
-                            piece = llm.text_of(chunk.content)
-                            if piece:
-                                if not printed:
-                                    self.console.print("[bold green]aspire>[/bold green] ", end="")
-                                self.console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
-                                self.console.file.flush()
-                                printed = True
-                            full = chunk if full is None else full + chunk
-                    except ValueError as e:       # a server that ignores stream=true sends no chunks
-                        if full is not None or "chunks" not in str(e):
-                            raise
-                    if full is not None:
-                        if printed:
-                            self.console.print()
-                        return AIMessage(content=full.content, tool_calls=full.tool_calls)
-                message = self.model.invoke(self.messages)
-                if llm.text_of(message.content):
-                    self.console.print("[bold green]aspire>[/bold green] ", end="")
-                    self.console.print(llm.text_of(message.content), markup=False, highlight=False, soft_wrap=True)
-                return message
-            except Exception:  # retried while nothing was shown, then raised to turn()
-                if printed or attempt == last:
-                    raise
-        raise RuntimeError("unreachable")
-
-    def _call_tool(self, call: dict) -> str:
-        name, args = call["name"], call.get("args") or {}
-        shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
-        self.console.print(f"[dim]· {name}({shown})[/dim]", highlight=False)
-        tool = self._lc_tools.get(name)
-        if tool is None:
-            result = json.dumps({"error": f"unknown tool {name!r}"})
-        else:
-            try:
-                result = tool.invoke(args)
-            except Exception as e:  # noqa: BLE001 - bad arguments from the LLM: told to it, not fatal
-                result = json.dumps({"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"})
-        self._log("tool", name=name, args=args, content=str(result)[:2000])
-        return str(result)
 
     # ------------------------------------------------------------ the loop
     def run(self) -> int:

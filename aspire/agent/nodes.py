@@ -375,8 +375,8 @@ def generate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
 
     ctx = runtime.context
     store = ctx.pipeline.store
-    done = store.get_meta("augmented")
-    if not (isinstance(done, dict) and done.get("dir") and Path(done["dir"]).is_dir()):
+    done = store.meta("augmented")
+    if not (done and Path(done.dir).is_dir()):
         features = set(state.get("features", []))
         edits = sum(len(f.evidence_edits) for f in store.all("finding", Finding) if finding_key(f) in features)
         if not edits:
@@ -387,9 +387,8 @@ def generate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
 
         augment_run(store.run_dir, augmented_dir(store), ctx.config, ctx.seed, groups=sorted(features),
                     progress=step_progress if ctx.progress else None, pipeline=ctx.pipeline)
-        done = store.get_meta("augmented") or {}
-    summary = {"dir": str(done.get("dir", "")), "n_images": int(done.get("n_images") or 0),
-               "per_class": done.get("per_class") or {}}
+        done = store.meta("augmented")
+    summary = {"dir": done.dir, "n_images": done.n_images, "per_class": done.per_class}
     _stage(store, "generate", n_images=summary["n_images"], reason=f"{summary['n_images']} images in {summary['dir']}")
     return {"augmented": summary}
 
@@ -452,9 +451,9 @@ def reprobe(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
 
     ctx = runtime.context
     store = ctx.pipeline.store
-    path = (store.get_meta("models") or {})["after"]
+    path = store.meta("models").after
     findings = ctx.pipeline.reprobe(load_checkpoint(path, device=ctx.config.agent.device), path)
-    verdicts = (store.get_meta("reprobe") or {}).get("verdicts", {})
+    verdicts = store.meta("reprobe").verdicts
     _stage(store, "reprobe", model=path, verdicts=verdicts)
     return {"reprobe": {"model": path, "verdicts": verdicts,
                         "still_spurious": sum(1 for f in findings if f.after and f.after.spurious)}}

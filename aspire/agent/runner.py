@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from aspire.agent.state import AuditContext, AuditState
 from aspire.config import AgentSettings, AspireConfig
 from aspire.schemas import Finding
+from aspire.store_schema import AuditMeta
 from aspire.tools.probe import rank_key
 
 CHECKPOINTS = "checkpoints.sqlite"
@@ -75,11 +76,11 @@ def context_from_run(run_dir: str | Path, *, agent_overrides: Optional[dict] = N
 
 def thread_id(store) -> str:
     """The run's LangGraph thread id (meta "audit"), created on first use."""
-    meta = store.get_meta("audit") or {}
-    if not meta.get("thread_id"):
-        meta = {**meta, "thread_id": f"audit-{uuid.uuid4().hex[:12]}"}
+    meta = store.meta("audit", AuditMeta())
+    if not meta.thread_id:
+        meta.thread_id = f"audit-{uuid.uuid4().hex[:12]}"
         store.set_meta("audit", meta)
-    return meta["thread_id"]
+    return meta.thread_id
 
 
 @contextlib.contextmanager
@@ -130,7 +131,7 @@ def run_audit(ctx: AuditContext, approve: Optional[Approver] = None) -> AuditRes
     with checkpointer(store.run_dir) as saver:
         graph = build_graph(saver)
         snapshot = graph.get_state(config)
-        if (store.get_meta("audit") or {}).get("status") == "done":
+        if store.meta("audit", AuditMeta()).status == "done":
             return AuditResult(store.run_dir, "done", sorted_findings(store), dict(snapshot.values))
         # Not started, or killed right after its input checkpoint (which LangGraph does not resume): start.
         # Otherwise continue from the last checkpoint (a graph that ended before its status was recorded
@@ -148,7 +149,7 @@ def run_audit(ctx: AuditContext, approve: Optional[Approver] = None) -> AuditRes
                 return AuditResult(store.run_dir, "paused", sorted_findings(store), state, payload)
             todo = Command(resume=approve(payload))
         state = dict(graph.get_state(config).values)
-    store.set_meta("audit", {**(store.get_meta("audit") or {}), "status": "done"})
+    store.set_meta("audit", store.meta("audit", AuditMeta()).model_copy(update={"status": "done"}))
     return AuditResult(store.run_dir, "done", sorted_findings(store), state)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from aspire.errors import AspireError
 from aspire.schemas import Edit, Finding, Probe
+from aspire.store_schema import AuditMeta
 from aspire.tools import lexicon
 
 
@@ -81,8 +82,7 @@ class RunTools:
         from aspire.agent import CHECKPOINTS
 
         findings = self.findings_list()
-        audit = self.store.get_meta("audit") or {}
-        status = audit.get("status") or ("paused or unfinished" if (self.run_dir / CHECKPOINTS).is_file() else "probe only")
+        status = self.store.meta("audit", AuditMeta()).status or ("paused or unfinished" if (self.run_dir / CHECKPOINTS).is_file() else "probe only")
         evaluation = self.store.get_meta("evaluation") or {}
         return {
             "run_dir": str(self.run_dir), "kind": self.store.get_meta("kind"), "status": status,
@@ -240,7 +240,7 @@ class RunTools:
         if self.store.get_meta("kind") != "audit":
             raise AspireError(f"{self.run_dir} is a {self.store.get_meta('kind')} run, not an audit: run "
                               "`aspire audit` on the same inputs to repair the classifier")
-        if (self.store.get_meta("audit") or {}).get("status") == "done":
+        if self.store.meta("audit", AuditMeta()).status == "done":
             return {"status": "done", "note": "this audit has finished already", **self.summary()["accuracy"]}
         result = run_audit(self.context(), approve=lambda payload: {"decision": "approve", "auto": False,
                                                                     "via": "chat"})

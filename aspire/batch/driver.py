@@ -231,8 +231,8 @@ def _repair(store: BatchStore, batch_dir: Path, inputs: Inputs, executor, failed
     from aspire.store import RunStore
 
     say = (lambda m: console.print(m, highlight=False, soft_wrap=True)) if progress else (lambda m: None)
-    done = store.get_meta("repair")
-    if isinstance(done, dict) and done.get("status") == "done":
+    done = store.meta("repair")
+    if done and done.status == "done":
         return True
     if failed:
         reason = (f"waits until every class is done ({len(failed)} not done); re-run the batch to retry them")
@@ -244,12 +244,12 @@ def _repair(store: BatchStore, batch_dir: Path, inputs: Inputs, executor, failed
     for state in all_units(store):
         run = RunStore(state.run_dir)
         try:
-            meta = run.get_meta("augmented") or {}
+            meta = run.meta("augmented")
         finally:
             run.close()
-        if meta.get("dir") and int(meta.get("n_images") or 0) > 0:
-            dirs.append(str(meta["dir"]))
-            per_class.update(meta.get("per_class") or {})
+        if meta and meta.n_images > 0:
+            dirs.append(meta.dir)
+            per_class.update(meta.per_class)
     if not dirs:
         store.set_meta("repair", {"status": "done", "reason": "no class had approved findings with flipped edits: "
                                   "nothing generated, nothing retrained", "after": None})
@@ -276,9 +276,9 @@ def _repair(store: BatchStore, batch_dir: Path, inputs: Inputs, executor, failed
 
 def _reprobe(store: BatchStore, inputs: Inputs, executor, console: Console, progress: bool) -> bool:
     """Every class run re-probed on the retrained classifier (recorded in meta "reprobe"); False when one failed."""
-    after = ((store.get_meta("repair") or {}).get("models") or {}).get("after")
-    done = store.get_meta("reprobe") or {}
-    if not after or (done.get("model") == after and done.get("status") == "done"):
+    repair, done = store.meta("repair"), store.meta("reprobe")
+    after = (repair.models or {}).get("after") if repair else None
+    if not after or (done and done.model == after and done.status == "done"):
         return True
     say = (lambda m: console.print(m, highlight=False, soft_wrap=True)) if progress else (lambda m: None)
     units = all_units(store)

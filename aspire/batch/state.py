@@ -12,32 +12,42 @@ from typing import Iterator, Literal, Optional
 from pydantic import BaseModel
 
 from aspire.errors import AspireError
-from aspire.store import Entry, RunStore
+from aspire.schemas import EvalResult
+from aspire.store import RunStore
+from aspire.store_schema import Entry, Meta, Payload, RunRecord
 
 Status = Literal["pending", "running", "done", "failed"]
 LOCK_NAME = ".batch.lock"
 
 
-class BatchStore(RunStore):
-    DB_NAME = "batch.sqlite"
-    META = (
-        Entry("kind", "batch", "`batch`"),
-        Entry("args", "batch", "the batch's inputs `{data, format, model, attr, target, classes, group_size, seed, "
-                               "repair}`: a folder refuses others"),
-        Entry("record", "batch", "reproducibility record"),
-        Entry("units", "batch", "unit ids in plan order"),
-        Entry("unit:<id>", "batch", "one UnitState each, replaced on every change"),
-        Entry("evaluation_before", "batch", "EvalResult of the audited classifier, computed once"),
-        Entry("repair", "batch --repair", "the batch's one retraining: `{status, models, plan, after, augmented, ...}`"),
-        Entry("reprobe", "batch --repair", "`{status, model, verdicts: {unit: verdicts}, errors, report_errors}`: every "
-                                           "class run re-probed on the retrained model"),
-        Entry("status", "batch", "`running`, `done`, `failed`, `interrupted`"),
-    )
-    RECORDS = ()
-    EVENTS = (
-        Entry("attempt", "batch", "every start and end of a unit's attempt"),
-        Entry("repair", "batch --repair", "`{status, after | error}`"),
-    )
+class BatchArgs(Meta):
+    """The batch's inputs: a batch folder refuses others."""
+
+    data: str
+    format: str
+    model: str
+    attr: Optional[str] = None
+    target: Optional[str] = None
+    classes: list[str]
+    group_size: int
+    seed: int
+    repair: bool
+
+
+class BatchRepair(Payload):
+    """The batch's one retraining; when done, also what the repair task returned (models, plan, augmented, ...)."""
+
+    status: Literal["waiting", "done", "failed"]
+    reason: Optional[str] = None
+    models: Optional[dict[str, Optional[str]]] = None
+
+
+class BatchReprobe(Meta):
+    status: Literal["done", "failed"]
+    model: str
+    verdicts: dict[str, dict[str, int]] = {}
+    errors: dict[str, str] = {}
+    report_errors: dict[str, str] = {}
 
 
 class UnitState(BaseModel):
@@ -56,6 +66,38 @@ class UnitState(BaseModel):
     pid: Optional[int] = None
     findings: int = 0
     spurious: int = 0
+
+
+class Attempt(Payload):
+    unit: str
+    attempt: int
+    phase: Literal["start", "done", "retry", "failed"]
+    status: Status
+
+
+class BatchRepairEvent(Payload):
+    status: Literal["done", "failed"]
+
+
+class BatchStore(RunStore):
+    DB_NAME = "batch.sqlite"
+    META = (
+        Entry("kind", "batch", "`batch`", Literal["batch"]),
+        Entry("args", "batch", "the batch's inputs: a folder refuses others", BatchArgs),
+        Entry("record", "batch", "reproducibility record", RunRecord),
+        Entry("units", "batch", "unit ids in plan order", list[str]),
+        Entry("unit:<id>", "batch", "one UnitState each, replaced on every change", UnitState),
+        Entry("evaluation_before", "batch", "the audited classifier on the test split, computed once", EvalResult),
+        Entry("repair", "batch --repair", "the batch's one retraining", BatchRepair),
+        Entry("reprobe", "batch --repair", "every class run re-probed on the retrained model (`verdicts` per unit)",
+              BatchReprobe),
+        Entry("status", "batch", "the batch's state", Literal["running", "done", "failed", "interrupted"]),
+    )
+    RECORDS = ()
+    EVENTS = (
+        Entry("attempt", "batch", "every start and end of a unit's attempt (with the failure's traceback)", Attempt),
+        Entry("repair", "batch --repair", "the retraining ended (`after` or `error`)", BatchRepairEvent),
+    )
 
 
 def get_unit(store: RunStore, unit: str) -> Optional[UnitState]:

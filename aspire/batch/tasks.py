@@ -206,7 +206,7 @@ def reprobe_unit(inputs: Inputs, run_dir: str, model: str) -> dict:
         pipeline = ProbePipeline(dataset, clf, inputs.config, store, classes=recorded_args(store).classes,
                                  seed=inputs.seed)
         pipeline.reprobe(load_checkpoint(model, device=inputs.config.agent.device), model)
-        verdicts = (store.get_meta("reprobe") or {}).get("verdicts", {})
+        verdicts = store.meta("reprobe").verdicts
         store.close()
         store = None
         try:   # the scores are recorded: a report that cannot be rendered does not undo them

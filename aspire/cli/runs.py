@@ -129,15 +129,16 @@ def reprobe_cmd(
     from aspire.agent import context_from_run
     from aspire.errors import ConfigError
     from aspire.models.classifier import load_checkpoint
+    from aspire.store_schema import Models
 
     pipeline = context_from_run(run_dir, device=device, progress=True).pipeline
     if model is None:
-        recorded = (pipeline.store.get_meta("models") or {}).get("after")
+        recorded = pipeline.store.meta("models", Models()).after
         if not recorded:
             raise ConfigError(f"{run_dir}: the run has no model after repair; give --model MODEL.pt")
         model = Path(recorded)
     findings = pipeline.reprobe(load_checkpoint(model, device=device), str(model))
-    verdicts = (pipeline.store.get_meta("reprobe") or {}).get("verdicts", {})
+    verdicts = pipeline.store.meta("reprobe").verdicts
     if json_out:
         print_json({"run_dir": str(pipeline.store.run_dir), "model": str(model.resolve()), "verdicts": verdicts,
                     "findings": [f.to_json() for f in findings]})

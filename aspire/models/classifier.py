@@ -22,7 +22,6 @@ import torch.nn as nn
 from PIL import Image
 
 from aspire.atomic import write_with
-from aspire.data.images import min_image_side
 from aspire.devices import map_batches, pick_device
 from aspire.errors import CheckpointError, ConfigError, ModelLoadError, one_line
 
@@ -111,11 +110,6 @@ class Classifier(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    @property
-    def min_image_side(self) -> int:
-        """The smallest image side (px) this classifier accepts (`data.images.MAX_UPSCALE`)."""
-        return min_image_side(self.input_size)
 
     @property
     def device(self) -> torch.device:

@@ -10,7 +10,7 @@ from rich.console import Console
 from aspire.progress import progress_bars
 
 from aspire.data.formats import Dataset
-from aspire.data.images import load_image
+from aspire.data.images import load_image, min_image_side
 from aspire.errors import DataError
 from aspire.models.classifier import Classifier
 from aspire.models.metrics import count_groups, group_metrics
@@ -65,7 +65,8 @@ def predict_samples(clf: Classifier, samples: Sequence[Sample], batch_size: int 
         task = bar.add_task("predicting", total=len(samples))
         for i in range(0, len(samples), batch_size):
             batch = samples[i:i + batch_size]
-            chunks.append(clf.predict_proba([load_image(s.path, min_side=clf.min_image_side) for s in batch], batch_size=batch_size))
+            images = [load_image(s.path, min_side=min_image_side(clf.input_size)) for s in batch]
+            chunks.append(clf.predict_proba(images, batch_size=batch_size))
             bar.advance(task, len(batch))
     return np.concatenate(chunks) if chunks else np.zeros((0, clf.num_classes), np.float32)
 

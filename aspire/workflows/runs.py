@@ -17,24 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from aspire.config import AspireConfig
 from aspire.errors import AspireError, ConfigError, DataError
 from aspire.store import RunStore
+from aspire.store_schema import RunArgs
 from aspire.tools import lexicon
-
-
-class RunArgs(BaseModel):
-    """A run's inputs (meta "args"): a run folder holds the run of exactly these."""
-
-    data: str
-    format: str = "waterbirds"
-    model: str
-    classes: Optional[list[str]] = None
-    seed: int = 0
-    attr: Optional[str] = None
-    target: Optional[str] = None
 
 
 def open_run(run_dir: str | Path, kind: str, args: RunArgs, *,

@@ -150,7 +150,7 @@ class FurtherTests:
                     self._failed("edit", self.samples[key], ALL_CANDIDATES, e)
             self.store.put_many("edit", [(e.edit_id, e) for e in made])
             if made:  # the findings read this candidate set's pairs only
-                self.store.set_meta("joint_sets", {**(self.store.get_meta("joint_sets") or {}), str(y): tag})
+                self.store.set_meta("joint_sets", {**self.store.meta("joint_sets", {}), str(y): tag})
             if complete:
                 self.store.put("joint", marker, {"images": min(n, len(images)), "edits": len(made), "tag": tag})
         return [e for e in self.store.all("edit", Edit) if e.test == "joint"]

@@ -261,13 +261,13 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
 
     def _current(self, probes: list[Probe]) -> list[Probe]:
         """The probes the findings read: joint-removal pairs of each class's current candidate set only."""
-        sets = self.store.get_meta("joint_sets") or {}
+        sets = self.store.meta("joint_sets", {})
         return [p for p in probes if p.test != "joint" or f"|joint|{sets.get(str(p.y))}|" in p.pair]
 
     def findings(self) -> list[Finding]:
         """Findings from every probe (and, once `reprobe` scored every edit on another model, `after`)."""
         probes = self._current(self.store.all("probe", Probe))
-        groups = {**self.phrase_aliases(), **(self.store.get_meta("background_groups") or {})}
+        groups = {**self.phrase_aliases(), **self.store.meta("background_groups", {})}
         findings = aggregate_findings(probes, self.class_names, self.config.probe, groups)
         self.store.set_meta("joint", joint_summary(probes, findings, self.class_names, ALL_CANDIDATES, self.seed))
         rescored = {p.edit_id: p for p in self.store.all("reprobe", Probe)}
@@ -277,8 +277,8 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
                                         aggregate_findings(after, self.class_names, self.config.probe, groups),
                                         self.config.probe, groups)
             verdicts = Counter(f.after.verdict for f in findings if f.after and f.after.verdict)
-            self.store.set_meta("reprobe", {**(self.store.get_meta("reprobe") or {}), "verdicts": dict(verdicts),
-                                            "edits": len(after)})
+            self.store.set_meta("reprobe", self.store.meta("reprobe").model_copy(
+                update={"verdicts": dict(verdicts), "edits": len(after)}))
         self.store.replace_all("finding", [(f"{f.class_index}|{f.kind}|{f.phrase}", f) for f in findings])
         write_json(self.store.run_dir / "findings.json", [f.to_json() for f in findings])
         return findings
@@ -293,7 +293,7 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
             raise DataError(f"{model_path}: a classifier of classes {', '.join(classifier.class_names)}; the run "
                             f"probed {', '.join(self.class_names)}")
         digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
-        if (self.store.get_meta("reprobe") or {}).get("digest") != digest:
+        if getattr(self.store.meta("reprobe"), "digest", None) != digest:
             for kind in ("reprobe", "reprobe_prediction"):
                 self.store.replace_all(kind, [])
             self.store.set_meta("reprobe", {"model": str(Path(model_path).resolve()), "digest": digest})
