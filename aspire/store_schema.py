@@ -1,8 +1,8 @@
-"""What a run store holds besides its records: one type per meta key and per event kind.
+"""What a run store holds: its record kinds, and one type per meta key and per event kind.
 
 The store checks every write against its entry's type (a misspelt field or a wrong value fails at the writer, not
 in a report later) and `store.meta(key)` reads a value back typed, defaults filled in. docs/RUN_STORE.md's tables,
-fields included, are generated from these entries (`python -m aspire.store`; a test fails when they drift).
+fields included, are generated from these entries (`python -m aspire.store_docs`; a test fails when they drift).
 
 Meta values are closed models (`Meta`: an unknown field is an error). Event payloads name the fields every event
 of the kind has and may carry more (`Payload`): the trail records what each stage knows.
@@ -36,6 +36,32 @@ class Meta(BaseModel):
 
 class Payload(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+# ---------------------------------------------------------------- records
+# The record kinds of a run store (typed by the pydantic models their values name).
+RUN_RECORDS = (
+    Entry("prediction", "probe step 1", "tools.probe.Prediction: the classifier on a source image"),
+    Entry("caption", "probe step 2", "Caption"),
+    Entry("phrases", "probe step 3", "PhraseSet"),
+    Entry("propagated", "probe step 3b", "Propagated: the frequent phrases the image's caption left out, grounded in it"),
+    Entry("region", "probe step 4a", "Region (`image|phrase`; mask PNG under `masks/`)"),
+    Entry("edit", "probe steps 4a-4e", "Edit (PNGs and JSON under `edits/`; `test`: removal, insertion or joint; "
+                                       "`pair`: the real edit a control belongs to; intermediate steps of joint "
+                                       "edits under `joint-steps/`)"),
+    Entry("edited", "probe step 4a", "marker `image|phrase filter`: all edits of an image are done"),
+    Entry("inserted", "probe step 4d", "marker `class index|kind|phrase`: the group's insertion pastes are done"),
+    Entry("joint", "probe step 4e", "marker `class index|kind:phrase,...`: the class's joint removals are done"),
+    Entry("failure", "probe steps 1, 2, 4", "Failure (key `stage|image|phrase`): a tool failed on one image or phrase "
+                                            "(`holdout`: the image could not be read; never retried); it was "
+                                            "skipped, and is not retried on resume unless `--retry-skipped`"),
+    Entry("probe", "probe step 4c", "Probe (key: edit id)"),
+    Entry("reprobe", "probe reprobe", "Probe: the same edit scored on the model of meta `reprobe`"),
+    Entry("reprobe_prediction", "probe reprobe", "tools.probe.Prediction: that model on a source image"),
+    Entry("plan", "agent hypothesize", "agent.planner.Plan (key `round-N`): the planner's hypotheses of a round"),
+    Entry("finding", "probe findings", "Finding (key `class index|kind|phrase`; replaced whole on each "
+                                       "aggregation; also `findings.json`)"),
+)
 
 
 # ---------------------------------------------------------------- meta

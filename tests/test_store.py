@@ -66,7 +66,7 @@ def test_meta_and_events_are_checked_against_their_types_and_read_typed(tmp_path
 def test_undocumented_keys_are_refused_and_the_doc_is_generated(tmp_path):
     from pathlib import Path
 
-    from aspire.store import GENERATED_BEGIN, GENERATED_END, run_store_docs
+    from aspire.store_docs import GENERATED_BEGIN, GENERATED_END, run_store_docs
 
     store = RunStore(tmp_path / "run")
     for write in (lambda: store.set_meta("holdotu", []), lambda: store.put("captoin", "k", {}),
@@ -76,4 +76,4 @@ def test_undocumented_keys_are_refused_and_the_doc_is_generated(tmp_path):
     store.set_meta("holdout", [])    # documented ones pass
     doc = (Path(__file__).parent.parent / "docs" / "RUN_STORE.md").read_text(encoding="utf-8")
     generated = doc.split(GENERATED_BEGIN)[1].split(GENERATED_END)[0]
-    assert generated.strip() == run_store_docs().strip(), "docs/RUN_STORE.md is stale: run python -m aspire.store"
+    assert generated.strip() == run_store_docs().strip(), "docs/RUN_STORE.md is stale: run python -m aspire.store_docs"

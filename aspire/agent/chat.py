@@ -18,22 +18,20 @@ from __future__ import annotations
 
 import sqlite3
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from rich.console import Console
 
 from aspire import llm
+from aspire.agent.offline_chat import OfflineSession, chat_loop
 from aspire.agent.tools import RunTools, langchain_tools
 from aspire.config import AgentSettings
 from aspire.errors import AspireError
 
-QUIT = ("quit", "exit", ":q", "bye")   # what ends a session, at the prompt or on stdin (--json)
 MAX_TOOL_STEPS = 6
 HISTORY_MESSAGES = 20                  # of the conversation, what the LLM is given back
 CHAT_CHECKPOINTS = "chat.sqlite"
 THREAD = {"configurable": {"thread_id": "chat"}}
-CONFIGURE_HELP = (f"No LLM is configured. To talk with one, {llm.CONFIGURE}, or agent.base_url / agent.api_key in a "
-                  "--config file; then run `aspire chat` again.")
 
 
 # ---------------------------------------------------------------- the conversation
@@ -184,8 +182,6 @@ class ChatSession:
 
     def _offline(self, text: str, reason: str, log_question: bool) -> str:
         """Answer offline from the run's evidence (agent/offline_chat.py); the first time, say why."""
-        from aspire.agent.offline_chat import OfflineSession
-
         if self.offline is None:
             self.console.print(f"[yellow]the LLM did not answer[/yellow] ({reason}); answering without it from now "
                                "on, from the run's evidence", highlight=False)
@@ -197,24 +193,3 @@ class ChatSession:
         self.console.print(f"aspire chat on {self.tools.run_dir} — ask about the classifier and its data; "
                            "Ctrl-C cancels an answer, Ctrl-D or `quit` exits.", highlight=False)
         return chat_loop(self.console, self.turn)
-
-
-def chat_loop(console: Console, answer: Callable[[str], Any]) -> int:
-    """Read a line, answer it, until quit, Ctrl-D or Ctrl-C at the prompt (exit code 0)."""
-    while True:
-        try:
-            text = console.input("[bold cyan]you>[/bold cyan] ")
-        except (KeyboardInterrupt, EOFError):
-            console.print("\nbye")
-            return 0
-        if text.strip().lower() in QUIT:
-            console.print("bye")
-            return 0
-        if not text.strip():
-            continue
-        try:
-            answer(text)
-        except KeyboardInterrupt:
-            console.print("\n[yellow]cancelled[/yellow] (Ctrl-C again or Ctrl-D at the prompt exits)")
-        except AspireError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False)

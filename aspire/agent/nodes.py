@@ -20,7 +20,8 @@ from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
 from aspire.agent.planner import Plan, PlanRequest, finding_for, group_key, phrase_stats, trim_to_budget
-from aspire.agent.state import AuditContext, AuditState, Hypothesis
+from aspire.agent.planner import Hypothesis
+from aspire.agent.state import AuditContext, AuditState
 from aspire.schemas import Finding
 from aspire.tools.probe import rank_key
 from aspire.workflows.retrain import retrain_plan as workflow_retrain_plan

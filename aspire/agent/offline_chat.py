@@ -1,6 +1,7 @@
 """`aspire chat` without an LLM: a conversation about one run that answers free questions from the run's tools.
 
     OfflineSession(tools, console).run()
+    chat_loop(console, answer)               the terminal loop both sessions run (also with an LLM, agent/chat.py)
 
 A question is mapped onto what the run can answer by what it names (a class, a finding's phrase, "strongest")
 and by its intent: what was found, why the model calls images a class, the evidence for a finding, testing a
@@ -16,18 +17,21 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from rich.console import Console
 from rich.text import Text
 
-from aspire.agent.chat import CONFIGURE_HELP, chat_loop
+from aspire import llm
 from aspire.agent.tools import RunTools
 from aspire.errors import AspireError
 from aspire.schemas import Finding
 from aspire.tools import lexicon
 
+QUIT = ("quit", "exit", ":q", "bye")   # what ends a session, at the prompt or on stdin (--json)
+CONFIGURE_HELP = (f"No LLM is configured. To talk with one, {llm.CONFIGURE}, or agent.base_url / agent.api_key in a "
+                  "--config file; then run `aspire chat` again.")
 HELP = """Ask in your own words, for example:
   what did you find?                     why does the model call this a <class>?
   show me the evidence for <phrase>      show me the evidence for the strongest finding
@@ -391,3 +395,23 @@ def thumbnails(images: list[tuple[str, Optional[str | Path]]], cols: int = THUMB
     out.append("  ".join(label.ljust(cols) for label, _ in cells))
     return out
 
+
+def chat_loop(console: Console, answer: Callable[[str], Any]) -> int:
+    """Read a line, answer it, until quit, Ctrl-D or Ctrl-C at the prompt (exit code 0)."""
+    while True:
+        try:
+            text = console.input("[bold cyan]you>[/bold cyan] ")
+        except (KeyboardInterrupt, EOFError):
+            console.print("\nbye")
+            return 0
+        if text.strip().lower() in QUIT:
+            console.print("bye")
+            return 0
+        if not text.strip():
+            continue
+        try:
+            answer(text)
+        except KeyboardInterrupt:
+            console.print("\n[yellow]cancelled[/yellow] (Ctrl-C again or Ctrl-D at the prompt exits)")
+        except AspireError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)

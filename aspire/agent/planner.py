@@ -22,13 +22,25 @@ from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 from pydantic import BaseModel
+from typing_extensions import TypedDict
 
-from aspire.agent.state import Hypothesis
 from aspire.schemas import Finding, PhraseSet
 from aspire.tools import lexicon
 from aspire.tools.probe import merge_phrase_groups
 
 KINDS = ("foreground", "background")
+
+
+class Hypothesis(TypedDict):
+    """One phrase group to probe on one class, and why."""
+
+    class_index: int
+    class_name: str
+    kind: str                   # foreground | background
+    phrase: str                 # the group's name
+    phrases: list[str]          # the group's member phrases (what the edits are restricted to)
+    reason: str
+    source: str                 # llm | planner
 
 
 @dataclass(frozen=True)

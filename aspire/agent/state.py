@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 from typing_extensions import TypedDict
 
+from aspire.agent.planner import Hypothesis, Planner
+
 if TYPE_CHECKING:
-    from aspire.agent.planner import Planner
     from aspire.config import AspireConfig
     from aspire.data.formats import Dataset
     from aspire.workflows.probe import ProbePipeline
@@ -22,18 +23,6 @@ if TYPE_CHECKING:
 def merge_dicts(old: Optional[dict], new: Optional[dict]) -> dict:
     """Reducer: keys of `new` replace those of `old`."""
     return {**(old or {}), **(new or {})}
-
-
-class Hypothesis(TypedDict):
-    """One phrase group to probe on one class, and why."""
-
-    class_index: int
-    class_name: str
-    kind: str                   # foreground | background
-    phrase: str                 # the group's name
-    phrases: list[str]          # the group's member phrases (what the edits are restricted to)
-    reason: str
-    source: str                 # llm | planner
 
 
 class AuditState(TypedDict, total=False):

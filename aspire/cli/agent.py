@@ -134,8 +134,8 @@ def chat_cmd(
     """Talk with the agent about a run: what was found, why a class, the evidence of a finding, test a concept
     now, compare classes, what next; approve and retrain. Without an LLM configured (or once it stops answering)
     it answers from the run's evidence, in sentences. Ctrl-C cancels an answer; Ctrl-D exits."""
-    from aspire.agent.chat import QUIT, ChatSession
-    from aspire.agent.offline_chat import OfflineSession
+    from aspire.agent.chat import ChatSession
+    from aspire.agent.offline_chat import QUIT, OfflineSession
     from aspire.agent.tools import RunTools
     from aspire import llm
     from aspire.config import load_config
