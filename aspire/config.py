@@ -232,7 +232,7 @@ class GenerateSettings(DiffusionMemory):
 
 
 class AugmentSettings(Settings):
-    """Step 5's selection, filter and commit (aspire/workflows/repair.py)."""
+    """Step 5's selection, filter and commit (aspire/workflows/repair/)."""
 
     select: Literal["spurious", "significant", "flipping", "generic"] = Field(
         "spurious", description="groups whose flipped edits are used: spurious findings; p_value < probe.alpha; "

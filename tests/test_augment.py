@@ -411,7 +411,7 @@ def test_read_only_parent_folder_is_one_line_permission_denied(run, tmp_path, mo
 
 # ---------------------------------------------------------------- generic augmentation (the baseline)
 def test_generic_set_has_the_aspire_count_from_holdout_images_on_unfiltered_backgrounds(reference, run, tmp_path):
-    from aspire.workflows.repair import _mentions
+    from aspire.workflows.repair.sources import mentions
     from aspire.data.annotations import read_annotations
     from aspire.data.formats import load_dataset
 
@@ -442,7 +442,7 @@ def test_generic_set_has_the_aspire_count_from_holdout_images_on_unfiltered_back
         donor = img["donor"]
         assert donor is not None and samples[donor].split == "train" and samples[donor].y == img["y"]
         avoid = [findings[(img["y"], p)] for p in aspire_avoid[img["class"]]["avoid"]]
-        shows_avoided += any(_mentions(p, avoid, 0.8) for p in annotated[donor])
+        shows_avoided += any(mentions(p, avoid, 0.8) for p in annotated[donor])
     assert shows_avoided > 0
     # recorded beside the method's set, not over it
     assert store.get_meta("augmented") == before
@@ -498,7 +498,7 @@ def test_one_stage_of_models_at_a_time_with_the_callers_classifier(run, tmp_path
     pipeline = ProbePipeline(*load_inputs(args), cfg, store, classes=args.classes, seed=args.seed)
     monkeypatch.setattr(repair, "load_inputs", lambda *a, **k: pytest.fail("the classifier was loaded again"))
     seen, generators, unets = [], [], []
-    real_job, real_generate = repair._Sources.job, Generator.generate
+    real_job, real_generate = repair.Sources.job, Generator.generate
 
     def job(self, sel, notes):
         out = real_job(self, sel, notes)
@@ -513,7 +513,7 @@ def test_one_stage_of_models_at_a_time_with_the_callers_classifier(run, tmp_path
         seen.append(("generate", pipeline.resident(), [u() is None for u in unets]))
         yield from real_generate(self, job, work)
 
-    monkeypatch.setattr(repair._Sources, "job", job)
+    monkeypatch.setattr(repair.Sources, "job", job)
     monkeypatch.setattr(Generator, "generate", generate)
     result = augment_run(run / "run", tmp_path / "aug", cfg, seed=0, on_message=lambda m: None, pipeline=pipeline)
     assert result.per_class == {"landbird": 1, "waterbird": 1}

@@ -3,7 +3,8 @@
     runs.py     opening or resuming a run folder, and loading its recorded dataset, classifier and settings
     probe/      steps 1-4 (hold-out → captions → phrases → edits with controls → findings), and the re-probe
                 of a repaired model (`ProbePipeline`)
-    repair.py   step 5: select the spurious findings' edits, generate without the features, commit the set
+    repair/     step 5: select the spurious findings' edits (select.py), what to generate from (sources.py),
+                generate without the features, filter (filter.py), commit the set (__init__)
     retrain.py  the classifier retrained with the generated images (one recipe for the audit and the batch)
     demo.py     `aspire demo`: toy data → ERM → the audit → repair → report
 
