@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aspire.atomic import write_json, write_text
-from aspire.report.render import _env, fmt_acc, fmt_delta, fmt_p, fmt_rate, fmt_time
+from aspire.report.text import fmt_acc, fmt_delta, fmt_p, fmt_rate, fmt_time, template_env
 
 JSON_NAME = "batch.json"
 
@@ -91,8 +91,8 @@ def build_batch_report(summary: dict, out_dir: Optional[str | Path] = None) -> d
     paths = {"html": out / "batch.html", "md": out / "batch.md", "json": root / JSON_NAME}
     summary["paths"] = {k: str(v) for k, v in paths.items()}
     ctx = batch_context(summary, out)
-    write_text(paths["html"], _env(html=True).get_template("batch.html.j2").render(**ctx))
-    write_text(paths["md"], _env(html=False).get_template("batch.md.j2").render(**ctx))
+    write_text(paths["html"], template_env(html=True).get_template("batch.html.j2").render(**ctx))
+    write_text(paths["md"], template_env(html=False).get_template("batch.md.j2").render(**ctx))
     write_json(paths["json"], summary)
     return paths
 

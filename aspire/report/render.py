@@ -8,13 +8,10 @@ augmented set) is said, never guessed. Nothing here depends on a particular data
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import re
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,99 +21,16 @@ from pydantic import ValidationError
 from aspire.atomic import write_bytes, write_json, write_text
 from aspire.config import AspireConfig
 from aspire.errors import AspireError
+from aspire.report.assets import Assets, Img, open_image, plain
+from aspire.report.text import fmt_acc, fmt_delta, fmt_p, fmt_rate, fmt_time, short, template_env
 from aspire.schemas import Edit, EvalResult, Finding, PhraseSet, Probe, Region
 from aspire.store import RunStore
 from aspire.tools import lexicon
 from aspire.tools.probe import rank_key
 
-TEMPLATES = Path(__file__).parent / "templates"
 TRAIL_EVENTS = ("hypothesis", "outcome", "approval", "llm_failure")
 TRAIL_FIELDS = ("class", "phrase", "kind", "stage", "decision", "source", "reason")
-THUMB_PX = 128
-PNG_BUDGET_BYTES = 24_000  # a thumbnail larger than this as PNG is stored as JPEG when that is smaller
 ASSET_NAME = re.compile(r"[0-9a-f]{16}\.(png|jpg)|flip_rates\.png|effect_change\.png")
-
-
-# ---------------------------------------------------------------- images
-@dataclass(frozen=True)
-class Img:
-    """An image of the report: `file` relative to the report folder (Markdown, JSON), `uri` for the HTML."""
-
-    file: str
-    uri: str
-    alt: str
-
-
-class Assets:
-    """The report's images, encoded once: embedded in the HTML, written under img/ for the Markdown."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-
-    def _add(self, data: bytes, ext: str, alt: str, name: Optional[str] = None) -> Img:
-        import base64
-
-        name = name or f"{hashlib.sha256(data).hexdigest()[:16]}.{ext}"
-        self.files[name] = data
-        mime = "image/jpeg" if ext == "jpg" else "image/png"
-        return Img(file=f"img/{name}", uri=f"data:{mime};base64,{base64.b64encode(data).decode()}", alt=alt)
-
-    def image(self, im: Image.Image, alt: str, max_px: int = THUMB_PX) -> Img:
-        """A thumbnail (longest side at most max_px): PNG, or JPEG when PNG is large and JPEG smaller."""
-        im = im.convert("RGB")
-        if max(im.size) > max_px:
-            im.thumbnail((max_px, max_px), Image.LANCZOS)
-        png = io.BytesIO()
-        im.save(png, format="PNG", optimize=True)
-        data, ext = png.getvalue(), "png"
-        if len(data) > PNG_BUDGET_BYTES:
-            jpg = io.BytesIO()
-            im.save(jpg, format="JPEG", quality=85)
-            if len(jpg.getvalue()) < len(data):
-                data, ext = jpg.getvalue(), "jpg"
-        return self._add(data, ext, alt)
-
-    def png(self, data: bytes, alt: str, name: str) -> Img:
-        return self._add(data, "png", alt, name)
-
-
-# ---------------------------------------------------------------- formatting (shared by both templates)
-def fmt_rate(x: Optional[float]) -> str:
-    return "–" if x is None else f"{x:.2f}".replace("-0.00", "0.00")
-
-
-def fmt_p(x: Optional[float]) -> str:
-    return "–" if x is None else f"{x:.2g}"
-
-
-def fmt_acc(x: Optional[float]) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def fmt_delta(before: Optional[float], after: Optional[float]) -> str:
-    if before is None or after is None:
-        return ""
-    return f"{100 * (after - before):+.1f} pp"
-
-
-def fmt_time(t: Optional[float]) -> str:
-    return "" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-
-def _short(value: Any, limit: int = 240) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def _open_image(path: Optional[Path]) -> Optional[Image.Image]:
-    if path is None or not path.is_file():
-        return None
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- the report
@@ -205,7 +119,7 @@ class RunReport:
                 try:
                     results[stage] = EvalResult.model_validate(raw[stage])
                 except ValueError as e:
-                    self.notes.append(f"evaluation {stage!r} is not a valid EvalResult ({_short(str(e), 120)})")
+                    self.notes.append(f"evaluation {stage!r} is not a valid EvalResult ({short(str(e), 120)})")
         b, a = results["before"], results["after"]
         rows = []
         for key, label in (("worst_group_accuracy", "worst-group accuracy"), ("average_accuracy", "average accuracy"),
@@ -230,8 +144,8 @@ class RunReport:
         events.sort(key=lambda item: item[1].get("time") if isinstance(item[1].get("time"), (int, float)) else 0)
         out = []
         for i, (event, e) in enumerate(events, 1):
-            fields = {k: _short(e[k]) for k in TRAIL_FIELDS if e.get(k) not in (None, "", [])}
-            details = [{"key": k, "value": _short(v)} for k, v in e.items()
+            fields = {k: short(e[k]) for k in TRAIL_FIELDS if e.get(k) not in (None, "", [])}
+            details = [{"key": k, "value": short(v)} for k, v in e.items()
                        if k not in TRAIL_FIELDS and k != "time" and v not in (None, "", [])]
             t = e.get("time")
             out.append({"n": i, "time": fmt_time(t if isinstance(t, (int, float)) else None), "event": event,
@@ -268,8 +182,8 @@ class RunReport:
             "packages": [{"name": k, "version": str(v)} for k, v in (record.get("packages") or {}).items()],
             "prompts": [{"name": k, "hash": str(v)} for k, v in (record.get("prompts") or {}).items()],
             "model_ids": model_ids, "seeds": seeds,
-            "classifier": [{"key": k, "value": _short(v)} for k, v in (classifier or {}).items()],
-            "extra": [{"key": k, "value": _short(v, 600)} for k, v in record.items() if k not in known],
+            "classifier": [{"key": k, "value": short(v)} for k, v in (classifier or {}).items()],
+            "extra": [{"key": k, "value": short(v, 600)} for k, v in record.items() if k not in known],
             "config_json": json.dumps(config, indent=2, sort_keys=True),
         }
 
@@ -302,7 +216,7 @@ class RunReport:
         if isinstance(generator, dict):
             generator = " ".join(str(generator[k]) for k in ("name", "model_id") if generator.get(k))
         summary = {"dir": str(meta.get("dir") or aug_dir), "n_images": meta.get("n_images", len(images)),
-                   "generator": _short(generator or ""), "manifest": str(aug_dir / "manifest.json"),
+                   "generator": short(generator or ""), "manifest": str(aug_dir / "manifest.json"),
                    "per_class": meta.get("per_class") if isinstance(meta.get("per_class"), dict) else {}}
         return summary, by_edit, by_class
 
@@ -328,7 +242,7 @@ class RunReport:
         for _, mine in chosen:
             for p in mine[:self.max_examples]:
                 if p.image not in originals:
-                    originals[p.image] = _open_image(Path(data_root) / p.image) if data_root else None
+                    originals[p.image] = open_image(Path(data_root) / p.image) if data_root else None
 
         # 3. Grad-CAM before and after retraining, on the originals
         cams, cam_info = self._gradcams(originals, {p.image: p.y for _, mine in chosen for p in mine[:self.max_examples]})
@@ -372,7 +286,7 @@ class RunReport:
         return None if im is None else self.assets.image(im, alt)
 
     def _thumb_path(self, path: Optional[str], alt: str) -> Optional[Img]:
-        return self._thumb(_open_image(self._resolve(path)), alt)
+        return self._thumb(open_image(self._resolve(path)), alt)
 
     def _gradcams(self, originals: dict[str, Optional[Image.Image]],
                   classes: dict[str, int]) -> tuple[dict[str, dict[str, Img]], dict[str, Any]]:
@@ -398,7 +312,7 @@ class RunReport:
                 overlays = GradCam(ckpt, device=self.device).overlays([originals[k] for k in keys],
                                                                       [classes[k] for k in keys])
             except (AspireError, ImportError, RuntimeError) as e:
-                info[f"{stage}_note"] = f"Grad-CAM of the {stage} model failed: {_short(str(e), 200)}"
+                info[f"{stage}_note"] = f"Grad-CAM of the {stage} model failed: {short(str(e), 200)}"
                 continue
             for k, im in zip(keys, overlays):
                 cams[stage][k] = self.assets.image(im, f"Grad-CAM {stage} retraining")
@@ -467,7 +381,7 @@ class RunReport:
             "generated": fmt_time(time.time()),
             "run": {"dir": str(self.run_dir), "kind": kind, "data": args.get("data"), "format": args.get("format"),
                     "model": args.get("model"), "classes": args.get("classes") or "all", "seed": args.get("seed"),
-                    "args": [{"key": k, "value": _short(v)} for k, v in args.items()]},
+                    "args": [{"key": k, "value": short(v)} for k, v in args.items()]},
             "class_names": names,
             "findings": rows,
             "galleries": galleries,
@@ -487,8 +401,8 @@ class RunReport:
         """Render and write report.html, report.md, report.json and img/ (each file atomically)."""
         out = Path(out_dir).expanduser() if out_dir else self.run_dir / "report"
         ctx = self.context()
-        html = _env(html=True).get_template("report.html.j2").render(**ctx)
-        md = _env(html=False).get_template("report.md.j2").render(**ctx)
+        html = template_env(html=True).get_template("report.html.j2").render(**ctx)
+        md = template_env(html=False).get_template("report.md.j2").render(**ctx)
         # 1. images first, so no document links to a missing file; then the documents
         for name, data in self.assets.files.items():
             target = out / "img" / name
@@ -518,34 +432,8 @@ def _donor_line(edit: Optional[Edit]) -> Optional[str]:
     return f"{edit.donor}" + (f" ({edit.donor_background})" if edit.donor_background else "")
 
 
-def _md(text: Any) -> str:
-    """Text safe in a Markdown table cell."""
-    return (" ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
-            .replace("<", "&lt;").replace(">", "&gt;"))
-
-
-def _env(html: bool):
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined
-
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, autoescape=html,
-                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters["md"] = _md
-    return env
-
-
-def _plain(obj: Any) -> Any:
-    """The context as JSON: images by their file path."""
-    if isinstance(obj, Img):
-        return obj.file
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def _summary(ctx: dict[str, Any], store: RunStore, paths: dict[str, str], images: list[str]) -> dict[str, Any]:
-    examples = {g["row"]["id"]: _plain(g["examples"]) for g in ctx["galleries"]}
+    examples = {g["row"]["id"]: plain(g["examples"]) for g in ctx["galleries"]}
     findings = []
     for row in ctx["findings"]:
         f = {k: v for k, v in row.items() if not k.endswith("_s") and k not in ("id", "n", "has_gallery")}
@@ -557,10 +445,10 @@ def _summary(ctx: dict[str, Any], store: RunStore, paths: dict[str, str], images
         "accuracy": ctx["accuracy"]["raw"],
         "reprobe": None if ctx["reprobe"] is None else {k: ctx["reprobe"][k] for k in ("model", "verdicts")},
         "gradcam": ctx["gradcam"],
-        "augmented": _plain(ctx["augmented"]),
+        "augmented": plain(ctx["augmented"]),
         "counts": ctx["counts"],
         "trail": [t["raw"] for t in ctx["trail"]],
         "record": store.get_meta("record"),
         "notes": ctx["notes"],
-        "paths": {**paths, "chart": _plain(ctx["chart"]), "images": [f"img/{n}" for n in images]},
+        "paths": {**paths, "chart": plain(ctx["chart"]), "images": [f"img/{n}" for n in images]},
     }
