@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from aspire import cli
 from aspire.errors import DataError
 from aspire.models.classifier import Classifier, load_checkpoint
-from aspire.models.methods import (DFR_C_GRID, GroupDROLoss, LastLayerFit, class_weight_grid, fit_last_layer,
-                                   group_table, jtt_upsample, subsample_groups, write_head)
+from aspire.models.dfr import DFR_C_GRID, LastLayerFit, class_weight_grid, fit_last_layer, write_head
+from aspire.models.methods import GroupDROLoss, group_table, jtt_upsample, subsample_groups
 from aspire.schemas import Sample
 from cli_main import run_main
 
