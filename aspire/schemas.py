@@ -255,6 +255,11 @@ class Finding(Record):
                                          "(aspire reprobe; null until a model after repair is scored)")
 
     @property
+    def key(self) -> str:
+        """The finding's id, its store key and how approvals name it: `class index|kind|phrase`."""
+        return f"{self.class_index}|{self.kind}|{self.phrase}"
+
+    @property
     def evidence_edits(self) -> list[str]:
         """The real edits generation starts from: the flipped ones, then those with the largest paired drop of
         the class's probability (a confirmed finding may flip few images)."""

@@ -145,6 +145,16 @@ class RunStore:
         with self._lock, self._conn:
             self._conn.execute("INSERT INTO events (time, kind, json) VALUES (?, ?, ?)", (time.time(), kind, text))
 
+    def log_event_once(self, kind: str, payload: dict, identity: Sequence[str], seen: Optional[set] = None) -> None:
+        """Log an event unless one with the same `identity` field values is recorded (`seen`: those identities,
+        when the caller logs many)."""
+        if seen is None:
+            seen = {tuple(e.get(k) for k in identity) for e in self.events(kind)}
+        ident = tuple(payload.get(k) for k in identity)
+        if ident not in seen:
+            self.log_event(kind, payload)
+            seen.add(ident)
+
     def events(self, kind: Optional[str] = None) -> list[dict]:
         sql = "SELECT time, kind, json FROM events" + (" WHERE kind = ?" if kind else "") + " ORDER BY id"
         # the event's kind is under "event": a payload may have a "kind" of its own

@@ -116,7 +116,7 @@ def measure(build_world, tmp: Path, device) -> list[dict]:
     from aspire.models.classifier import build_classifier
     from aspire.models.train import train_classifier
     from aspire.workflows.probe import ProbePipeline
-    from aspire.workflows.repair import augment_run, finding_key
+    from aspire.workflows.repair import augment_run
     from aspire.workflows.runs import RunArgs, load_inputs, open_run
 
     root, _, server = build_world(tmp)
@@ -139,7 +139,7 @@ def measure(build_world, tmp: Path, device) -> list[dict]:
             pipeline.probe()
             pipeline.test_further(pipeline.findings())
         with sampler.measure("generation"):   # from every finding with edits to use, as an approved audit would
-            groups = [finding_key(f) for f in pipeline.findings() if f.evidence_edits]
+            groups = [f.key for f in pipeline.findings() if f.evidence_edits]
             augment_run(root / "run", root / "augmented", cfg, 0, groups=groups, pipeline=pipeline,
                         on_message=lambda m: None)
         with sampler.measure("retraining"):

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aspire import cli
-from aspire.workflows.repair import augment_run, finding_key, run_config
+from aspire.workflows.repair import augment_run, run_config
 from aspire.data.augmented import load_augmented, mix_in, verify_manifest
 from aspire.errors import AspireError, DataError
 from aspire.tools.probe import rank_key
@@ -264,7 +264,7 @@ def test_a_class_without_flipped_edits_is_skipped_and_the_others_go_on(run, tmp_
     store = RunStore(run / "run")
     landbird = next(f for f in store.all("finding", Finding) if f.class_index == 0 and f.flips)
     messages = []
-    result = augment_run(run / "run", tmp_path / "aug", config(run), seed=0, groups=[finding_key(landbird)],
+    result = augment_run(run / "run", tmp_path / "aug", config(run), seed=0, groups=[landbird.key],
                          on_message=messages.append)
     assert result.per_class == {"landbird": IMAGES} and list(result.skipped) == ["waterbird"]
     assert "none of the chosen phrase groups" in result.skipped["waterbird"]

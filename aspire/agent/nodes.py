@@ -19,27 +19,16 @@ from typing import Any, Literal, Optional
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
-from aspire.agent.planner import Plan, PlanRequest, finding_for, group_key, phrase_stats, trim_to_budget
-from aspire.agent.planner import Hypothesis
+from aspire.agent.approval import (edits_to_use, finding_summary, parse_decision, qualifies_for_repair,
+                                    record_approval, resolve_feature)
+from aspire.agent.planner import Hypothesis, Plan, PlanRequest, finding_for, group_key, phrase_stats, trim_to_budget
 from aspire.agent.state import AuditContext, AuditState
 from aspire.schemas import Finding
 from aspire.tools.probe import rank_key
 from aspire.workflows.retrain import retrain_plan as workflow_retrain_plan
 
-DECISIONS = ("approve", "edit", "reject")
-
 
 # ---------------------------------------------------------------- helpers
-def _log_once(store, kind: str, payload: dict, identity: tuple[str, ...], seen: Optional[set] = None) -> None:
-    """Log an event unless one of the same identity (values of the `identity` fields) is recorded."""
-    if seen is None:
-        seen = {tuple(e.get(k) for k in identity) for e in store.events(kind)}
-    ident = tuple(payload.get(k) for k in identity)
-    if ident not in seen:
-        store.log_event(kind, payload)
-        seen.add(ident)
-
-
 def _stage(store, name: str, **info: Any) -> None:
     store.log_event("stage", {"stage": name, **info})
 
@@ -64,82 +53,9 @@ def history(store) -> list[dict]:
             for e in store.events("outcome")]
 
 
-def finding_key(f: Finding) -> str:
-    return group_key(f.class_index, f.kind, f.phrase)
-
-
-def finding_summary(n: int, f: Finding) -> dict:
-    return {"n": n, "key": finding_key(f), "class": f.class_, "class_index": f.class_index, "phrase": f.phrase,
-            "kind": f.kind, "occurrences": f.occurrences, "flips": f.flips, "flip_rate": round(f.flip_rate, 3),
-            "control_flip_rate": round(f.control_flip_rate, 3), "p_value": f.p_value, "spurious": f.spurious,
-            "effect": round(f.effect, 4), "effect_ci": [round(v, 4) for v in f.effect_ci], "q_value": f.q_value,
-            "control_kind": f.control_kind, "edits": len(f.evidence_edits)}
-
-
-def edits_to_use(findings: list[dict], selected: list[str], cap_per_class: int) -> dict[str, int]:
-    """Edits generation would use, per class (capped at probe.max_edits_per_class)."""
-    per_class: dict[str, int] = defaultdict(int)
-    for f in findings:
-        if f["key"] in selected:
-            per_class[f["class"]] += f["edits"]
-    return {c: min(n, cap_per_class) for c, n in sorted(per_class.items())}
-
-
 def retrain_plan(ctx: AuditContext) -> dict[str, Any]:
     """The retraining the audit will run (workflows.retrain)."""
     return workflow_retrain_plan(ctx.config, ctx.pipeline.classifier, ctx.dataset)
-
-
-def parse_decision(answer: Any) -> dict:
-    """A resume value as {decision, drop, add}: "approve", "reject", or a dict with those keys."""
-    if isinstance(answer, str):
-        answer = {"decision": answer}
-    if not isinstance(answer, dict):
-        return {"decision": "reject", "drop": [], "add": [], "note": f"unreadable answer {answer!r}: rejected"}
-    decision = str(answer.get("decision", "approve")).lower()
-    decision = {"yes": "approve", "y": "approve", "no": "reject", "n": "reject"}.get(decision, decision)
-    if decision not in DECISIONS:
-        return {"decision": "reject", "drop": [], "add": [], "note": f"unknown decision {decision!r}: rejected"}
-    return {"decision": decision, "drop": list(answer.get("drop") or []), "add": list(answer.get("add") or []),
-            "auto": bool(answer.get("auto", False))}
-
-
-def resolve_feature(ref: Any, findings: list[Finding], class_names: list[str]) -> Optional[Finding]:
-    """A finding named by a key ("1|foreground|boat"), "class:phrase", or its 1-based number."""
-    if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().isdigit()):
-        i = int(ref) - 1
-        return findings[i] if 0 <= i < len(findings) else None
-    ref = str(ref).strip().strip("'\"")
-    by_key = {finding_key(f): f for f in findings}
-    if ref in by_key:
-        return by_key[ref]
-    if ":" not in ref:
-        return None
-    cls, phrase = (part.strip().strip("'\"") for part in ref.split(":", 1))
-    y = class_names.index(cls) if cls in class_names else (int(cls) if cls.isdigit() else None)
-    phrase = phrase.lower()
-    pool = [f for f in findings if f.class_index == y]
-    return next((f for f in pool if f.phrase == phrase), None) or next((f for f in pool if phrase in f.phrases), None)
-
-
-def record_approval(store, stage: str, decision: dict, dropped: list[str], added: list[str]) -> dict:
-    """meta "approvals" (one entry per stage, replaced on a re-run) and one `approval` event per stage."""
-    entry = {"stage": stage, "decision": decision["decision"], "dropped": dropped, "added": added,
-             "auto": decision.get("auto", False), "time": time.time(),
-             "reason": decision.get("note") or _approval_reason(stage, decision, dropped, added)}
-    approvals = [a for a in store.get_meta("approvals", []) or [] if a.get("stage") != stage]
-    store.set_meta("approvals", approvals + [entry])
-    _log_once(store, "approval", {k: v for k, v in entry.items() if k != "time"}, ("stage",))
-    return entry
-
-
-def _approval_reason(stage: str, decision: dict, dropped: list[str], added: list[str]) -> str:
-    who = "automatically (--yes)" if decision.get("auto") else "by the user"
-    if decision["decision"] == "reject":
-        return f"rejected {who}: no {'generation or retraining' if stage == 'generate' else 'retraining'}"
-    if decision["decision"] == "edit":
-        return f"approved {who} with {len(dropped)} feature(s) dropped and {len(added)} added"
-    return f"approved {who} as proposed"
 
 
 # ---------------------------------------------------------------- steps 1-3
@@ -197,12 +113,12 @@ def hypothesize(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     degraded = saved.source != "llm"
     seen = {tuple(e.get(k) for k in ("round", "attempt")) for e in store.events("llm_failure")}
     for i, reason in enumerate(saved.failures):
-        _log_once(store, "llm_failure", {"stage": "hypothesize", "round": rnd, "attempt": i + 1, "reason": reason,
+        store.log_event_once("llm_failure", {"stage": "hypothesize", "round": rnd, "attempt": i + 1, "reason": reason,
                                          "degraded_to_planner": degraded, "source": saved.source},
                   ("round", "attempt"), seen)
     seen = {tuple(e.get(k) for k in ("round", "class_index", "kind", "phrase")) for e in store.events("hypothesis")}
     for h in saved.hypotheses:
-        _log_once(store, "hypothesis", {"round": rnd, "class": h["class_name"], "class_index": h["class_index"],
+        store.log_event_once("hypothesis", {"round": rnd, "class": h["class_name"], "class_index": h["class_index"],
                                         "phrase": h["phrase"], "kind": h["kind"], "phrases": h["phrases"],
                                         "reason": h["reason"], "source": h["source"]},
                   ("round", "class_index", "kind", "phrase"), seen)
@@ -260,10 +176,10 @@ def probe(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
                                    f"[{f.effect_ci[0]:+.3f}, {f.effect_ci[1]:+.3f}] beyond its controls over "
                                    f"{f.pairs} pairs (q={f.q_value:.2g}); {f.flips}/{f.occurrences} edits flip "
                                    f"vs {f.control_flips}/{f.control_occurrences} controls"))
-        _log_once(store, "outcome", outcome, ("round", "class_index", "kind", "phrase"), seen)
+        store.log_event_once("outcome", outcome, ("round", "class_index", "kind", "phrase"), seen)
 
     # 3. stable, or a budget spent?
-    spurious = sorted(finding_key(f) for f in findings if f.spurious)
+    spurious = sorted(f.key for f in findings if f.spurious)
     unchanged = state.get("unchanged_rounds", 0) + 1 if rnd > 1 and spurious == state.get("spurious", []) else 0
     seconds = state.get("seconds", 0.0) + time.monotonic() - started
     s = ctx.config.agent
@@ -296,7 +212,7 @@ def review(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
                                             "auto": True}, [], [])
         return {"features": [], "approvals": {"generate": "skip"}}
     summaries = [finding_summary(i + 1, f) for i, f in enumerate(findings)]
-    proposed = [finding_key(f) for f in findings if qualifies_for_repair(f, ctx.config)]
+    proposed = [f.key for f in findings if qualifies_for_repair(f, ctx.config)]
     payload = {"stage": "generate", "question": "generate images without these features?",
                "findings": summaries, "proposed": proposed, "stop_reason": state.get("stop_reason"),
                "max_edits_per_class": ctx.config.probe.max_edits_per_class,
@@ -310,36 +226,26 @@ def review(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     if decision["decision"] in ("approve", "edit"):
         for ref in decision["drop"]:
             f = resolve_feature(ref, findings, p.class_names)
-            if f is not None and finding_key(f) in selected:
-                selected.remove(finding_key(f))
-                dropped.append(finding_key(f))
+            if f is not None and f.key in selected:
+                selected.remove(f.key)
+                dropped.append(f.key)
         for ref in decision["add"]:
             f = resolve_feature(ref, findings, p.class_names)
-            if f is not None and finding_key(f) not in selected:
-                selected.append(finding_key(f))
-                added.append(finding_key(f))
+            if f is not None and f.key not in selected:
+                selected.append(f.key)
+                added.append(f.key)
         if dropped or added:
             decision["decision"] = "edit"
     else:
         selected = []
     record_approval(store, "generate", decision, dropped, added)
-    by_key = {finding_key(f): f for f in findings}
+    by_key = {f.key: f for f in findings}
     store.set_meta("approved_features", [{"key": k, "class": by_key[k].class_, "class_index": by_key[k].class_index,
                                           "phrase": by_key[k].phrase, "kind": by_key[k].kind,
                                           "phrases": by_key[k].phrases, "flipped_edits": by_key[k].flipped_edits,
                                           "edits": by_key[k].evidence_edits}
                                          for k in selected])
     return {"features": selected, "approvals": {"generate": decision["decision"]}}
-
-
-def qualifies_for_repair(f: Finding, config) -> bool:
-    """Whether generation would use a finding's flipped edits, as augment.select says (spurious by default)."""
-    mode = config.augment.select
-    if not f.evidence_edits:
-        return False
-    if mode == "significant":
-        return f.q_value < config.probe.alpha or (f.joint_q_value or 1.0) < config.probe.alpha
-    return f.spurious if mode == "spurious" else True
 
 
 def generation_estimate(ctx: AuditContext, findings: list[dict], selected: list[str]) -> dict:
@@ -379,7 +285,7 @@ def generate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     done = store.meta("augmented")
     if not (done and Path(done.dir).is_dir()):
         features = set(state.get("features", []))
-        edits = sum(len(f.evidence_edits) for f in store.all("finding", Finding) if finding_key(f) in features)
+        edits = sum(len(f.evidence_edits) for f in store.all("finding", Finding) if f.key in features)
         if not edits:
             reason = "the approved features have no edits to generate from"
             _stage(store, "generate", n_images=0, reason=reason)

@@ -18,10 +18,6 @@ from aspire.store import RunStore
 from aspire.tools.probe import rank_key
 
 
-def finding_key(f: Finding) -> str:
-    return f"{f.class_index}|{f.kind}|{f.phrase}"
-
-
 def class_accuracy(result: Optional[dict], class_index: int) -> Optional[dict]:
     """A class's accuracy (over its groups) and its worst group, from an EvalResult's groups."""
     if not result:
@@ -94,7 +90,7 @@ def merge_batch(batch_dir: str | Path) -> dict[str, Any]:
             mine = sorted((f for f in findings if f.class_index == index), key=rank_key)
             spurious = [f for f in mine if f.spurious]
             top = spurious[0] if spurious else None
-            approved += [finding_key(f) for f in spurious]
+            approved += [f.key for f in spurious]
             rows.append({
                 "class": name, "class_index": index, "unit": u.unit, "status": u.status, "attempts": u.attempts,
                 "error": u.error, "run_dir": u.run_dir, "started": u.started, "finished": u.finished,

@@ -45,7 +45,7 @@ class FurtherTests:
         holdout = self.holdout()
         out_dir = self.store.folder("edits")
         for f in findings:
-            marker = f"{f.class_index}|{f.kind}|{f.phrase}"
+            marker = f.key
             if (f.pairs < min_testable_pairs(self.config.probe) or self.store.has("inserted", marker)
                     or not self._fits(max_edits, 2 * n)):
                 continue

@@ -279,7 +279,7 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
             verdicts = Counter(f.after.verdict for f in findings if f.after and f.after.verdict)
             self.store.set_meta("reprobe", self.store.meta("reprobe").model_copy(
                 update={"verdicts": dict(verdicts), "edits": len(after)}))
-        self.store.replace_all("finding", [(f"{f.class_index}|{f.kind}|{f.phrase}", f) for f in findings])
+        self.store.replace_all("finding", [(f.key, f) for f in findings])
         write_json(self.store.run_dir / "findings.json", [f.to_json() for f in findings])
         return findings
 

@@ -63,10 +63,10 @@ from aspire.store import RunStore
 from aspire.tools.generate import GeneratedImage, Generator, class_slug, derive_seed
 from aspire.workflows.runs import existing_run, load_inputs, recorded_args
 from aspire.workflows.repair.filter import filter_generated
-from aspire.workflows.repair.select import ClassSelection, finding_key, select_edits, select_originals
+from aspire.workflows.repair.select import ClassSelection, select_edits, select_originals
 from aspire.workflows.repair.sources import CACHE, Sources
 
-__all__ = ["AugmentResult", "ClassSelection", "RUN_SET", "augment_run", "filter_generated", "finding_key", "run_config",
+__all__ = ["AugmentResult", "ClassSelection", "RUN_SET", "augment_run", "filter_generated", "run_config",
            "select_edits", "select_originals"]
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]

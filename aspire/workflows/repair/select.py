@@ -27,11 +27,6 @@ class ClassSelection:
     originals: list[str] = field(default_factory=list)  # generic mode: hold-out image keys (no edits, no groups)
 
 
-def finding_key(f: Finding) -> str:
-    """The store key of a finding: `class index|kind|phrase`."""
-    return f"{f.class_index}|{f.kind}|{f.phrase}"
-
-
 def select_edits(store: RunStore, class_names: Sequence[str], class_ids: Sequence[int], config: AspireConfig,
                  groups: Optional[Collection[str]] = None) -> tuple[list[ClassSelection], dict[str, str]]:
     """Per class, the flipped edits of its qualifying groups, strongest first, up to max_edits_per_class.
@@ -47,7 +42,7 @@ def select_edits(store: RunStore, class_names: Sequence[str], class_ids: Sequenc
         mine = sorted((f for f in findings if f.class_index == y), key=rank_key)
         qualifies = {"spurious": lambda f: f.spurious,
                      "significant": lambda f: min(f.q_value, f.joint_q_value or 1.0) < config.probe.alpha,
-                     "flipping": lambda f: bool(f.flipped_edits), "given": lambda f: finding_key(f) in chosen}[mode]
+                     "flipping": lambda f: bool(f.flipped_edits), "given": lambda f: f.key in chosen}[mode]
         top = [f for f in mine if qualifies(f) and f.evidence_edits]
         if not top:
             what = {"spurious": "no spurious phrase group", "significant": "no phrase group flipping significantly "
