@@ -1,4 +1,5 @@
-"""The drawings: samplers that choose a thing's parameters, drawers that turn parameters into layers.
+"""The drawings of the sky, the places and the scene elements (the class's own objects: objects.py; layers, fills and
+colours: painter.py): samplers that choose a thing's parameters, drawers that turn parameters into layers.
 
 Geometry is in grid units of a 64 x 64 canvas (y down), whatever the pixel size. A sampler uses the
 scene's random generator and returns plain parameters; a drawer is deterministic (a texture draws its
@@ -9,145 +10,17 @@ composites the layers and averages blocks down to the output size.
 
 from __future__ import annotations
 
-import colorsys
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import cv2
 import numpy as np
 
-GRID = 64.0
-SUPERSAMPLE = 4
+from aspire.data.toy.painter import GRID, Layer, Layout, Painter, hsv, random_color, scaled, smooth_noise
+
 # Calibrated so that ERM on toy-waterbirds (smallcnn, the CLI's defaults) learns the place first and the
 # bird only partly: the place hues overlap (colour alone does not separate land from water; texture
 # does) and the birds differ in silhouette (legs, neck, posture) that a small CNN picks up slowly.
 HUES = {"land": (80.0, 160.0), "water": (140.0, 220.0)}
-LEG_WIDTH = 1.2
-_SHIFT = 4  # OpenCV fixed-point bits: sub-pixel precision of 1/16 px
-
-
-# ---------------------------------------------------------------- layers and the painter
-@dataclass
-class Layer:
-    """One part of a thing: coverage `alpha` (h, w) in [0, 1] and `color` (3,) or (h, w, 3), both over the
-    box rows y0:y1, columns x0:x1 of the supersampled canvas."""
-
-    owner: str
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    alpha: np.ndarray
-    color: np.ndarray
-
-
-class Painter:
-    """Draws shapes in grid units onto supersampled uint8 coverage buffers and cuts them into layers."""
-
-    def __init__(self, size_px: int, supersample: int = SUPERSAMPLE):
-        self.size_px = size_px
-        self.size_hr = size_px * supersample
-        self.scale = self.size_hr / GRID  # supersampled px per grid unit
-
-    def buffer(self) -> np.ndarray:
-        return np.zeros((self.size_hr, self.size_hr), np.uint8)
-
-    def _fixed(self, pts) -> np.ndarray:
-        return np.round(np.asarray(pts, np.float64) * self.scale * (1 << _SHIFT)).astype(np.int32)
-
-    def poly(self, buf: np.ndarray, pts, value: int = 255) -> None:
-        cv2.fillPoly(buf, [self._fixed(pts)], value, cv2.LINE_AA, shift=_SHIFT)
-
-    def ellipse(self, buf: np.ndarray, cx: float, cy: float, rx: float, ry: float, angle_deg: float = 0.0,
-                value: int = 255) -> None:
-        self.poly(buf, ellipse_points(cx, cy, rx, ry, angle_deg), value)
-
-    def line(self, buf: np.ndarray, pts, width: float, value: int = 255) -> None:
-        thickness = max(1, int(round(width * self.scale)))
-        cv2.polylines(buf, [self._fixed(pts)], False, value, thickness, cv2.LINE_AA, shift=_SHIFT)
-
-    def lines(self, buf: np.ndarray, segments: np.ndarray, width: float, value: int = 255) -> None:
-        """Many polylines (n, k, 2) of one width in one call."""
-        thickness = max(1, int(round(width * self.scale)))
-        cv2.polylines(buf, list(self._fixed(segments)), False, value, thickness, cv2.LINE_AA, shift=_SHIFT)
-
-    def layer(self, owner: str, buf: np.ndarray, color, opacity: float = 1.0) -> Optional[Layer]:
-        """Cut the non-zero box of `buf` into a layer; `color` is (3,) or a full-canvas (H, W, 3) array."""
-        rows, cols = np.flatnonzero(buf.any(1)), np.flatnonzero(buf.any(0))
-        if rows.size == 0:
-            return None
-        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        alpha = buf[y0:y1, x0:x1].astype(np.float32) / 255.0
-        if opacity != 1.0:
-            alpha *= np.float32(opacity)
-        color = np.asarray(color, np.float32)
-        if color.ndim == 3:
-            color = color[y0:y1, x0:x1]
-        return Layer(owner, y0, y1, x0, x1, alpha, color)
-
-
-def ellipse_points(cx: float, cy: float, rx: float, ry: float, angle_deg: float = 0.0, n: int = 48) -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    x, y = rx * np.cos(t), ry * np.sin(t)
-    a = np.deg2rad(angle_deg)
-    return np.stack([cx + x * np.cos(a) - y * np.sin(a), cy + x * np.sin(a) + y * np.cos(a)], 1)
-
-
-def hsv(h_deg: float, s: float, v: float) -> list[float]:
-    """An RGB colour in 0..255 from hue in degrees, saturation and value in 0..1."""
-    return [255.0 * c for c in colorsys.hsv_to_rgb((h_deg % 360) / 360.0, min(max(s, 0), 1), min(max(v, 0), 1))]
-
-
-def _scaled(rgb, factor: float) -> list[float]:
-    return [min(255.0, max(0.0, c * factor)) for c in rgb]
-
-
-def smooth_noise(rng: np.random.Generator, size_hr: int, cells: int = 6) -> np.ndarray:
-    """Low-frequency noise (H, W) with about unit standard deviation."""
-    grid = rng.normal(size=(cells, cells)).astype(np.float32)
-    return cv2.resize(grid, (size_hr, size_hr), interpolation=cv2.INTER_CUBIC)
-
-
-def random_color(rng: np.random.Generator) -> list[float]:
-    return hsv(rng.uniform(0, 360), rng.uniform(0.35, 0.9), rng.uniform(0.3, 0.9))
-
-
-def bird_color(rng: np.random.Generator) -> list[float]:
-    """Mostly bird-like browns and greys, sometimes any colour; the same for every class."""
-    r = rng.random()
-    if r < 0.45:
-        return hsv(rng.uniform(10, 45), rng.uniform(0.35, 0.8), rng.uniform(0.25, 0.75))
-    if r < 0.75:
-        return hsv(0, 0, rng.uniform(0.1, 0.95))
-    return random_color(rng)
-
-
-# ---------------------------------------------------------------- layout
-@dataclass
-class Layout:
-    """Where things may go in one scene: the horizon and the boxes (x0, y0, x1, y1) already taken."""
-
-    horizon: float
-    taken: list[tuple[float, float, float, float]]
-
-    def place(self, rng: np.random.Generator, w: float, h: float, x_range: tuple[float, float],
-              y_range: tuple[float, float], tries: int = 24) -> tuple[float, float]:
-        """Top-left corner of a w x h box inside the ranges, overlapping the taken boxes least; takes it."""
-        best, best_overlap = None, None
-        for _ in range(tries):
-            x0 = rng.uniform(x_range[0], max(x_range[0], x_range[1] - w))
-            y0 = rng.uniform(y_range[0], max(y_range[0], y_range[1] - h))
-            overlap = sum(_overlap((x0, y0, x0 + w, y0 + h), t) for t in self.taken)
-            if best_overlap is None or overlap < best_overlap:
-                best, best_overlap = (x0, y0), overlap
-            if overlap == 0:
-                break
-        self.taken.append((best[0], best[1], best[0] + w, best[1] + h))
-        return best
-
-
-def _overlap(a, b) -> float:
-    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 # ---------------------------------------------------------------- sky and places (full-canvas layers)
@@ -276,7 +149,7 @@ def _draw_cloud(p: Painter, q: dict, owner: str) -> list[Layer]:
     for cx, cy, rx, ry in q["puffs"]:
         p.ellipse(buf, cx, cy, rx, ry)
         p.ellipse(shade, cx, cy + ry * 0.45, rx * 0.8, ry * 0.5)
-    return [p.layer(owner, buf, q["color"]), p.layer(owner, shade, _scaled(q["color"], 0.88), 0.6)]
+    return [p.layer(owner, buf, q["color"]), p.layer(owner, shade, scaled(q["color"], 0.88), 0.6)]
 
 
 def _fence(rng, lay: Layout) -> dict:
@@ -397,7 +270,7 @@ def _draw_tree(p: Painter, q: dict, owner: str) -> list[Layer]:
         p.ellipse(crown, cx + dx, top + dy, r * k, r * k)
     p.ellipse(shade, cx + r * 0.3, top + r * 0.7, r * 0.6, r * 0.45)
     return [p.layer(owner, trunk, q["trunk"]), p.layer(owner, crown, q["leaves"]),
-            p.layer(owner, shade, _scaled(q["leaves"], 0.7), 0.7)]
+            p.layer(owner, shade, scaled(q["leaves"], 0.7), 0.7)]
 
 
 def _flower(rng, lay: Layout) -> dict:
@@ -434,127 +307,3 @@ ELEMENTS: dict[str, tuple[Callable, Callable, int]] = {
     "kite": (_kite, _draw_kite, 95),
 }
 SKY_ELEMENTS = ("sun", "cloud", "balloon", "kite")  # sampled before the ground things (free sky first)
-
-
-# ---------------------------------------------------------------- objects (the class's own thing)
-def sample_object(rng: np.random.Generator, shape: str, lay: Layout) -> dict:
-    if shape in ("landbird", "waterbird"):
-        length = rng.uniform(24, 30)
-        cx = rng.uniform(20, 44)
-        cy = rng.uniform(lay.horizon + 8, GRID - length * 0.45)
-        color = bird_color(rng)
-        q = {"cx": cx, "cy": cy, "L": length, "facing": float(rng.choice([-1, 1])), "tilt": rng.uniform(-10, 10),
-             "plump": rng.uniform(0.85, 1.15), "color": color, "wing": _scaled(color, rng.uniform(0.55, 0.8)),
-             "beak": hsv(rng.uniform(25, 50), rng.uniform(0.6, 0.9), rng.uniform(0.4, 0.9)) if rng.random() < 0.6
-             else hsv(0, 0, rng.uniform(0.15, 0.4))}
-        lay.taken.append((cx - length * 0.55, cy - length * 0.55, cx + length * 0.55, cy + length * 0.45))
-        return q
-    r = rng.uniform(9, 12)
-    cx, cy = rng.uniform(18, 46), rng.uniform(max(r + 2, lay.horizon - 4), GRID - r - 2)
-    lay.taken.append((cx - r, cy - r, cx + r, cy + r))
-    return {"cx": cx, "cy": cy, "r": r, "rot": rng.uniform(-20, 20), "color": random_color(rng)}
-
-
-def _rotated(pts: np.ndarray, deg: float) -> np.ndarray:
-    a = np.deg2rad(deg)
-    return pts @ np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
-
-
-def _bird_parts(waterbird: bool) -> dict[str, list[np.ndarray]]:
-    """Parts in body-length units, facing +x, body centred at 0. The classes differ in silhouette only:
-    a waterbird swims (flat body, long upright neck, flat bill, no legs), a landbird perches (upright
-    body, head on top, short pointed beak, legs). Size, colour and pose are drawn alike for both."""
-    if waterbird:
-        return {"body": [ellipse_points(0, 0, 0.5, 0.2)],
-                "tail": [np.array([[-0.4, -0.02], [-0.66, -0.2], [-0.56, 0.06]])],
-                "wing": [ellipse_points(-0.08, -0.03, 0.32, 0.11, -5)],
-                "head": [np.array([[0.24, -0.08], [0.34, -0.62], [0.46, -0.6], [0.44, -0.04]]),
-                         ellipse_points(0.43, -0.64, 0.13, 0.12)],
-                "beak": [np.array([[0.51, -0.68], [0.8, -0.64], [0.8, -0.58], [0.51, -0.58]])],
-                "legs": [],
-                "eye": [ellipse_points(0.46, -0.67, 0.03, 0.03)]}
-    t = -35.0  # the perching body leans back
-    return {"body": [_rotated(ellipse_points(0, 0, 0.42, 0.24), t)],
-            "tail": [_rotated(np.array([[-0.32, -0.04], [-0.74, 0.02], [-0.72, 0.14], [-0.32, 0.12]]), t)],
-            "wing": [_rotated(ellipse_points(-0.06, 0.0, 0.28, 0.13, -5), t)],
-            "head": [ellipse_points(0.26, -0.42, 0.16, 0.15)],
-            "beak": [np.array([[0.38, -0.47], [0.56, -0.42], [0.38, -0.36]])],
-            "legs": [np.array([[-0.02, 0.2], [-0.05, 0.6], [-0.15, 0.64]]),
-                     np.array([[0.12, 0.16], [0.14, 0.6], [0.04, 0.64]])],
-            "eye": [ellipse_points(0.3, -0.45, 0.03, 0.03)]}
-
-
-def draw_object(p: Painter, shape: str, q: dict) -> list[Layer]:
-    if shape in ("landbird", "waterbird"):
-        return _draw_bird(p, q, shape == "waterbird")
-    return _draw_shape(p, shape, q)
-
-
-def _draw_bird(p: Painter, q: dict, waterbird: bool) -> list[Layer]:
-    a = np.deg2rad(q["tilt"])
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-
-    def to_grid(pts: np.ndarray) -> np.ndarray:
-        pts = pts * [1.0, q["plump"]] @ rot.T * q["L"]
-        return pts * [q["facing"], 1.0] + [q["cx"], q["cy"]]
-
-    parts = _bird_parts(waterbird)
-    layers = []
-    legs = p.buffer()
-    for leg in parts["legs"]:
-        p.line(legs, to_grid(leg), LEG_WIDTH)
-    layers.append(p.layer("object", legs, [90, 70, 50]))
-    for name, color in (("tail", q["wing"]), ("body", q["color"]), ("head", q["color"]), ("wing", q["wing"]),
-                        ("beak", q["beak"]), ("eye", [20, 20, 20])):
-        buf = p.buffer()
-        for poly in parts[name]:
-            p.poly(buf, to_grid(poly))
-        layers.append(p.layer("object", buf, color))
-    return [l for l in layers if l is not None]
-
-
-def _shape_points(shape: str) -> list[np.ndarray]:
-    """Outline(s) at unit radius; a second outline is a hole."""
-    t = lambda n, off=0.0: np.linspace(0, 2 * np.pi, n, endpoint=False) + off  # noqa: E731
-    if shape == "star":
-        a = t(10, -np.pi / 2)
-        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
-        return [np.stack([r * np.cos(a), r * np.sin(a)], 1)]
-    if shape == "heart":
-        s = np.linspace(0, 2 * np.pi, 60, endpoint=False)
-        x = 16 * np.sin(s) ** 3
-        y = -(13 * np.cos(s) - 5 * np.cos(2 * s) - 2 * np.cos(3 * s) - np.cos(4 * s))
-        return [np.stack([x, y + 2], 1) / 16.0]
-    if shape == "crescent":
-        return [ellipse_points(0, 0, 1, 1), ellipse_points(0.45, -0.2, 0.82, 0.82)]
-    if shape == "cross":
-        w = 0.34
-        return [np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w], [-1, w],
-                          [-1, -w], [-w, -w]])]
-    if shape == "arrow":
-        return [np.array([[-1, -0.22], [0.2, -0.22], [0.2, -0.6], [1, 0], [0.2, 0.6], [0.2, 0.22], [-1, 0.22]])]
-    if shape == "ring":
-        return [ellipse_points(0, 0, 1, 1), ellipse_points(0, 0, 0.55, 0.55)]
-    if shape == "triangle":
-        a = t(3, -np.pi / 2)
-        return [np.stack([np.cos(a), np.sin(a) + 0.15], 1)]
-    if shape == "hexagon":
-        a = t(6)
-        return [np.stack([np.cos(a), np.sin(a)], 1) * 0.92]
-    raise KeyError(f"no drawing for shape {shape!r}")
-
-
-def _draw_shape(p: Painter, shape: str, q: dict) -> list[Layer]:
-    a = np.deg2rad(q["rot"])
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    outlines = [o @ rot.T * q["r"] + [q["cx"], q["cy"]] for o in _shape_points(shape)]
-    fill, edge = p.buffer(), p.buffer()
-    p.poly(fill, outlines[0])
-    for hole in outlines[1:]:
-        p.poly(fill, hole, 0)
-    for outline in outlines:
-        p.line(edge, np.vstack([outline, outline[:1]]), 0.8)
-    # keep the edge only along the shape (a hole's outline reaches beyond the crescent)
-    k = max(3, int(round(p.scale)) | 1)
-    edge = np.minimum(edge, cv2.dilate(fill, np.ones((k, k), np.uint8)))
-    return [l for l in (p.layer("object", fill, q["color"]), p.layer("object", edge, _scaled(q["color"], 0.6))) if l]

@@ -13,7 +13,9 @@ from typing import Iterable, Optional
 import cv2
 import numpy as np
 
-from aspire.data.toy.art import ELEMENTS, SUPERSAMPLE, Layer, Painter, draw_object, draw_place, draw_sky
+from aspire.data.toy.art import ELEMENTS, draw_place, draw_sky
+from aspire.data.toy.objects import draw_object
+from aspire.data.toy.painter import SUPERSAMPLE, Layer, Painter
 from aspire.data.toy.scenes import Scene
 
 PLACE_DEPTH, OBJECT_DEPTH = 30, 100

@@ -13,7 +13,9 @@ from typing import Optional
 
 import numpy as np
 
-from aspire.data.toy.art import ELEMENTS, SKY_ELEMENTS, Layout, sample_ground, sample_object, sample_sky
+from aspire.data.toy.art import ELEMENTS, SKY_ELEMENTS, sample_ground, sample_sky
+from aspire.data.toy.objects import sample_object
+from aspire.data.toy.painter import Layout
 from aspire.data.toy.spec import SPLITS, BenchmarkSpec
 
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
