@@ -275,7 +275,7 @@ class AspireConfig(Settings):
         """(setting, value) of the backends a run uses and the models those backends load; step 5's only when
         the run `generated` images. The planner's LLM is recorded on its own (`planner`)."""
         c = self
-        out = [("caption.backend", c.caption.backend)]
+        out: list[tuple[str, str]] = [("caption.backend", c.caption.backend)]
         out += {"transformers": [("caption.model_id", c.caption.model_id)],
                 "openai": [("caption.chat_model", c.caption.chat_model)]}.get(c.caption.backend, [])
         out.append(("phrases.backend", c.phrases.backend))

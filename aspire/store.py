@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS events (
 
 class RunStore:
     DB_NAME = "run.sqlite"
-    META, RECORDS, EVENTS = RUN_META, RUN_RECORDS, RUN_EVENTS
+    META: tuple[Entry, ...] = RUN_META
+    RECORDS: tuple[Entry, ...] = RUN_RECORDS
+    EVENTS: tuple[Entry, ...] = RUN_EVENTS
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir).expanduser().resolve()

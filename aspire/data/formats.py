@@ -93,7 +93,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
-def _unique(key: str, seen: dict[str, int], path: Path, line: int, column: str, split: str = "") -> None:
+def _unique(key: str, seen: dict[tuple[str, str], int], path: Path, line: int, column: str, split: str = "") -> None:
     """A row's image must not be listed before in its split (it would be counted, trained on and probed twice)."""
     if key and (key, split) in seen:
         raise DataError(f"{path}:{line}: column {column!r} repeats {key!r} (first on line {seen[key, split]})")
