@@ -4,8 +4,10 @@
     state.py    the state and its reducers  planner.py  the offline planner; llm_planner.py the LLM planner
     runner.py   running or resuming an audit (make_planner, audit_context, context_from_run, run_audit)
     tools.py    what `aspire chat` can look up and do in a run (RunTools; the same as LangChain tools)
-    chat.py     `aspire chat` with an LLM      offline_chat.py  without one (free questions, from the evidence)
-    approval.py the audit's approval prompt in the terminal
+    chat.py     `aspire chat` with an LLM (LangGraph's ReAct agent; the conversation in the run's chat.sqlite)
+    offline_chat.py  without one (free questions, answered from the evidence), and the terminal loop of both
+    approval.py the audit's approval: what each interrupt shows, how an answer is read and recorded, the
+                terminal prompt
 """
 
 from aspire.agent.runner import (CHECKPOINTS, AuditResult, audit_context, auto_approve, context_from_run, make_planner,

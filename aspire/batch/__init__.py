@@ -18,7 +18,7 @@ approvals; a batch never asks):
 - with --repair each class run also generates its augmented set from its approved (spurious) findings
   (BATCH_DIR/runs/<class-slug>-augmented, the generation being per class anyway), declines retraining, and
   once every class is done the batch retrains ONE classifier on the training split plus the union of those
-  sets (the audited model's recipe, agent.retrain_*), then evaluates it: BATCH_DIR/repair/after.pt.
+  sets (the audited model's recipe, workflows/retrain.py), then evaluates it: BATCH_DIR/repair/after.pt.
 
 A unit that fails is retried (batch.retries, default 1), then reported as failed with its error (one line);
 the others go on. The batch's state is BATCH_DIR/batch.sqlite (aspire/batch/state.py); only this driver

@@ -1,4 +1,10 @@
-"""The audit report of a run: HTML (self-contained), Markdown and JSON, read from the run store."""
+"""The audit report of a run: HTML (self-contained), Markdown and JSON, read from the run store.
+
+    render.py   RunReport: the run store read into the templates' context, and written
+    assets.py   the report's images (thumbnails, data URIs, img/)   text.py  number formats, cells, templates
+    plots.py    the charts        gradcam.py  Grad-CAM before and after the repair
+    batch.py    the batch report (batch.html / batch.md over the class runs)
+"""
 
 from __future__ import annotations
 
