@@ -261,7 +261,7 @@ class OfflineSession:
     def _classes_with(self, phrase: str) -> list[str]:
         """The classes to test a phrase on: those with a finding of it, else every probed class."""
         with_it = [f.class_ for f in self.tools.findings_list()
-                   if any(lexicon.same_phrase(phrase, m) for m in (f.phrase, *f.phrases))]
+                   if lexicon.same_as_any(phrase, (f.phrase, *f.phrases))]
         return list(dict.fromkeys(with_it)) or [self.tools.class_names[y] for y in self.tools.context().pipeline.class_ids]
 
     def _compare(self, classes: list[str]) -> str:

@@ -135,7 +135,7 @@ def match_group(stats: Sequence[GroupStat], kind: Optional[str], phrase: str, si
     phrase = lexicon.normalize(phrase)
     pool = [s for s in stats if kind is None or s.kind == kind]
     for test in (lambda s: s.phrase == phrase, lambda s: phrase in s.phrases,
-                 lambda s: any(lexicon.same_phrase(phrase, m, similarity) for m in (s.phrase, *s.phrases))):
+                 lambda s: lexicon.same_as_any(phrase, (s.phrase, *s.phrases), similarity)):
         hit = next((s for s in pool if test(s)), None)
         if hit is not None:
             return hit

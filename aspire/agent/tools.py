@@ -133,7 +133,7 @@ class RunTools:
             return found[0] if found else None
         wanted = lexicon.normalize(phrase)
         for test in (lambda f: wanted in (f.phrase, *f.phrases),
-                     lambda f: any(lexicon.same_phrase(wanted, m) for m in (f.phrase, *f.phrases))):
+                     lambda f: lexicon.same_as_any(wanted, (f.phrase, *f.phrases))):
             hits = [f for f in found if test(f)]
             if hits:
                 return max(hits, key=lambda f: (f.spurious, f.occurrences))

@@ -11,6 +11,7 @@ API:
                                       "hexagon shape" -> "hexagon" (a generic noun defers to its modifier)
     similarity(a, b) -> float         symmetric, in [0, 1]; 1 for the same canonical words
     same_phrase(a, b, threshold=0.7)  similarity(a, b) >= threshold
+    same_as_any(a, names, threshold)  same_phrase with any of names
     scene_category(phrase) -> str|None  "water", "forest", ... for scene/background nouns, else None
     split_compound(word) -> (prefix, suffix) | None   "waterbird" -> ("water", "bird")
     slug(text, limit=None, empty="x") -> str   for file names: "Water Bird!" -> "water-bird"
@@ -25,7 +26,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 # ---------------------------------------------------------------- word lists
 DETERMINERS = frozenset(
@@ -261,6 +262,11 @@ def similarity(a: str, b: str) -> float:
 def same_phrase(a: str, b: str, threshold: float = 0.7) -> bool:
     """Whether two phrases name the same thing (the method's near-duplicate merge)."""
     return similarity(a, b) >= threshold
+
+
+def same_as_any(phrase: str, names: Iterable[str], threshold: float = 0.7) -> bool:
+    """Whether `phrase` names the same thing as one of `names` (e.g. a phrase group's members)."""
+    return any(same_phrase(phrase, n, threshold) for n in names)
 
 
 def slug(text: str, limit: Optional[int] = None, empty: str = "x") -> str:

@@ -62,7 +62,7 @@ class EditSteps:
     def _wanted(self, phrase: str, y: int, only: Optional[dict[int, set[str]]]) -> bool:
         if only is None:
             return True
-        return any(lexicon.same_phrase(phrase, p, self.config.probe.merge_similarity) for p in only.get(y, ()))
+        return lexicon.same_as_any(phrase, only.get(y, ()), self.config.probe.merge_similarity)
 
     def _regions(self, sample: Sample, phrases: PhraseSet, candidates: Sequence[str],
                  log: bool = True) -> list[tuple[str, str, Optional[np.ndarray]]]:
@@ -216,7 +216,7 @@ class EditSteps:
         threshold = self.config.probe.merge_similarity
         pool = sorted(k for k, p in all_sets.items()
                       if k != sample.image and self.samples[k].y == sample.y and not p.failed
-                      and not any(lexicon.same_phrase(phrase, q, threshold) for q in [*p.foreground, *p.background]))
+                      and not lexicon.same_as_any(phrase, [*p.foreground, *p.background], threshold))
         random.Random(seed).shuffle(pool)
         for key in pool[:8]:
             other = load_image(self.samples[key].path)
