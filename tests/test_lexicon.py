@@ -74,6 +74,16 @@ def test_similarity_orders_closer_phrases_higher():
     assert similarity("small boat", "boat") > similarity("small boat", "small dock") > similarity("boat", "lake")
 
 
+def test_the_merge_threshold_says_how_differently_a_thing_may_be_described():
+    # the same head noun, described by one, two or three words differently: merged at thresholds 0.8, 0.7, 0.6
+    one, two, three = ("boat", "small boat"), ("big boat", "small boat"), ("small red boat", "big boat")
+    assert [same_phrase(*one, 0.8), same_phrase(*two, 0.8), same_phrase(*three, 0.8)] == [True, False, False]
+    assert [same_phrase(*one, 0.7), same_phrase(*two, 0.7), same_phrase(*three, 0.7)] == [True, True, False]
+    assert [same_phrase(*one, 0.6), same_phrase(*two, 0.6), same_phrase(*three, 0.6)] == [True, True, True]
+    assert same_phrase("boat", "sailboat") and not same_phrase("water", "waterbird")   # compounds by their parts
+    assert not same_phrase("red boat", "red car", 0.3)                                  # another thing
+
+
 def test_scene_category():
     assert scene_category("the lake") == scene_category("Oceans") == scene_category("body of water") == "water"
     assert scene_category("a living room") == "indoor"
