@@ -5,7 +5,7 @@
     runner.py   running or resuming an audit (make_planner, audit_context, context_from_run, run_audit)
     tools.py    what `aspire chat` can look up and do in a run (RunTools; the same as LangChain tools)
     chat.py     `aspire chat` with an LLM (LangGraph's ReAct agent; the conversation in the run's chat.sqlite)
-    offline_chat.py  without one (free questions, answered from the evidence), and the terminal loop of both
+    offline_chat.py  without one (free questions, answered from the evidence); terminal.py  the loop of both
     approval.py the audit's approval: what each interrupt shows, how an answer is read and recorded, the
                 terminal prompt
 """

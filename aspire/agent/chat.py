@@ -23,7 +23,8 @@ from typing import Any, Optional
 from rich.console import Console
 
 from aspire import llm
-from aspire.agent.offline_chat import OfflineSession, chat_loop
+from aspire.agent.offline_chat import OfflineSession
+from aspire.agent.terminal import chat_loop
 from aspire.agent.tools import RunTools, langchain_tools
 from aspire.config import AgentSettings
 from aspire.errors import AspireError

@@ -1,7 +1,6 @@
 """`aspire chat` without an LLM: a conversation about one run that answers free questions from the run's tools.
 
     OfflineSession(tools, console).run()
-    chat_loop(console, answer)               the terminal loop both sessions run (also with an LLM, agent/chat.py)
 
 A question is mapped onto what the run can answer by what it names (a class, a finding's phrase, "strongest")
 and by its intent: what was found, why the model calls images a class, the evidence for a finding, testing a
@@ -17,21 +16,16 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
-import numpy as np
 from rich.console import Console
 from rich.text import Text
 
-from aspire import llm
+from aspire.agent.terminal import CONFIGURE_HELP, chat_loop, thumbnails
 from aspire.agent.tools import RunTools
-from aspire.errors import AspireError
 from aspire.schemas import Finding
 from aspire.tools import lexicon
 
-QUIT = ("quit", "exit", ":q", "bye")   # what ends a session, at the prompt or on stdin (--json)
-CONFIGURE_HELP = (f"No LLM is configured. To talk with one, {llm.CONFIGURE}, or agent.base_url / agent.api_key in a "
-                  "--config file; then run `aspire chat` again.")
 HELP = """Ask in your own words, for example:
   what did you find?                     why does the model call this a <class>?
   show me the evidence for <phrase>      show me the evidence for the strongest finding
@@ -59,7 +53,6 @@ END = re.compile(r"\s(?:in|for|on|when|with|of|to)\s|[?.!,]")
 STOP = {"the", "a", "an", "model", "classifier", "it", "this", "that", "them", "whether", "if", "me", "you", "strongest",
         "finding", "findings", "feature", "features", "spurious", "class", "images", "image", "reliance", "does",
         "do", "is", "really", "much"}
-THUMB_COLS = 24  # characters per thumbnail (two pixel rows per character row)
 
 
 class OfflineSession:
@@ -360,58 +353,3 @@ def describe(f: Finding) -> str:
     if f.after is not None:
         text += f" After the repair: {f.after.effect:+.3f} ({f.after.verdict})."
     return text
-
-
-def thumbnails(images: list[tuple[str, Optional[str | Path]]], cols: int = THUMB_COLS) -> Text:
-    """Images side by side in half-block characters ("▀": the upper pixel in the foreground colour, the lower
-    in the background colour), each `cols` characters wide, with its label below."""
-    from aspire.data.images import load_image
-
-    cells = []
-    for label, path in images:
-        try:
-            image = load_image(path) if path else None
-        except (OSError, AspireError):
-            image = None
-        if image is None:
-            cells.append((label, None))
-            continue
-        rows = max(2, round(cols * image.height / image.width) // 2 * 2)
-        cells.append((label, np.asarray(image.convert("RGB").resize((cols, rows)))))  # (rows, cols, 3)
-    height = max((c.shape[0] for _, c in cells if c is not None), default=2)
-    out = Text()
-    for y in range(0, height, 2):
-        for i, (_, pixels) in enumerate(cells):
-            if i:
-                out.append("  ")
-            for x in range(cols):
-                if pixels is None or y >= pixels.shape[0]:
-                    out.append(" ")
-                    continue
-                top = pixels[y, x]
-                low = pixels[min(y + 1, pixels.shape[0] - 1), x]
-                out.append("▀", style=f"rgb({top[0]},{top[1]},{top[2]}) on rgb({low[0]},{low[1]},{low[2]})")
-        out.append("\n")
-    out.append("  ".join(label.ljust(cols) for label, _ in cells))
-    return out
-
-
-def chat_loop(console: Console, answer: Callable[[str], Any]) -> int:
-    """Read a line, answer it, until quit, Ctrl-D or Ctrl-C at the prompt (exit code 0)."""
-    while True:
-        try:
-            text = console.input("[bold cyan]you>[/bold cyan] ")
-        except (KeyboardInterrupt, EOFError):
-            console.print("\nbye")
-            return 0
-        if text.strip().lower() in QUIT:
-            console.print("bye")
-            return 0
-        if not text.strip():
-            continue
-        try:
-            answer(text)
-        except KeyboardInterrupt:
-            console.print("\n[yellow]cancelled[/yellow] (Ctrl-C again or Ctrl-D at the prompt exits)")
-        except AspireError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False)

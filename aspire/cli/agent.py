@@ -135,7 +135,8 @@ def chat_cmd(
     now, compare classes, what next; approve and retrain. Without an LLM configured (or once it stops answering)
     it answers from the run's evidence, in sentences. Ctrl-C cancels an answer; Ctrl-D exits."""
     from aspire.agent.chat import ChatSession
-    from aspire.agent.offline_chat import QUIT, OfflineSession
+    from aspire.agent.offline_chat import OfflineSession
+    from aspire.agent.terminal import QUIT
     from aspire.agent.tools import RunTools
     from aspire import llm
     from aspire.config import load_config
