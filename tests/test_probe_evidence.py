@@ -15,7 +15,8 @@ from aspire.workflows.probe import ProbePipeline
 from aspire.schemas import Probe
 from aspire.store import RunStore
 from aspire.tools.ground import region_kind
-from aspire.tools.probe import aggregate_findings, colour_histogram, merge_by_appearance, min_testable_pairs, q_values
+from aspire.tools.groups import colour_histogram, merge_by_appearance
+from aspire.tools.probe import aggregate_findings, min_testable_pairs, q_values
 from known_classifier import GradedWidget
 from test_pipeline import _square as _box
 from worlds import write_world

@@ -26,7 +26,7 @@ from typing_extensions import TypedDict
 
 from aspire.schemas import Finding, PhraseSet
 from aspire.tools import lexicon
-from aspire.tools.probe import merge_phrase_groups
+from aspire.tools.groups import merge_phrase_groups
 
 KINDS = ("foreground", "background")
 

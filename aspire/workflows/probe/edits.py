@@ -17,7 +17,7 @@ from aspire.schemas import Edit, Failure, PhraseSet, Region, Sample
 from aspire.tools import lexicon
 from aspire.tools.edit import RemoveRequest
 from aspire.tools.ground import region_kind
-from aspire.tools.probe import colour_histogram, merge_by_appearance, merge_phrase_groups
+from aspire.tools.groups import colour_histogram, merge_by_appearance, merge_phrase_groups
 from aspire.workflows.probe.base import ITEM_ERRORS, edit_seed, phrase_filter_key
 
 

@@ -13,7 +13,7 @@ from aspire.data.images import load_mask
 from aspire.schemas import PhraseSet, Propagated, Sample
 from aspire.tools import lexicon
 from aspire.tools.generate import derive_seed
-from aspire.tools.probe import merge_phrase_groups
+from aspire.tools.groups import merge_phrase_groups
 from aspire.workflows.probe.base import ITEM_ERRORS, masks_overlap
 
 
