@@ -16,6 +16,7 @@ from aspire.errors import AspireError
 from aspire.schemas import Edit, Finding, Probe
 from aspire.store_schema import AuditMeta
 from aspire.tools import lexicon
+from aspire.tools.probe import finding_edits
 
 
 def evidence(f: Finding) -> dict:
@@ -144,14 +145,14 @@ class RunTools:
         image, edited PNG, its control, flipped or not. A phrase of no finding: the edits of that phrase."""
         f = self.finding_for(phrase, class_name)
         y = f.class_index if f else (self._class_index(class_name) if class_name else None)
-        members = set(f.phrases) | {f.phrase} if f else {lexicon.normalize(phrase)}
         edits = {e.edit_id: e for e in self.store.all("edit", Edit)}
         probes = [p for p in self.store.all("probe", Probe) if p.test == "removal"]
         controls = {p.pair_key: p for p in probes if p.control}
-        mine = [p for p in probes if not p.control and (y is None or p.y == y) and (f is None or p.kind == f.kind)
-                and (lexicon.normalize(p.phrase) in members
-                     or (f is None and lexicon.same_phrase(p.phrase, phrase)))]
-        mine.sort(key=lambda p: (not p.flipped, -p.prob_drop, p.edit_id))
+        if f is not None:
+            mine = finding_edits(f, probes)
+        else:   # a phrase of no finding: its own edits
+            mine = sorted((p for p in probes if not p.control and (y is None or p.y == y)
+                           and lexicon.same_phrase(p.phrase, phrase)), key=lambda p: (not p.flipped, -p.prob_drop, p.edit_id))
         rows = []
         for p in mine[:max(1, int(limit))]:
             control = controls.get(p.pair_key)
@@ -166,7 +167,7 @@ class RunTools:
                          "donor": edit.donor if edit else None})
         return {"finding": None if f is None else {"class": f.class_, "phrase": f.phrase, "kind": f.kind,
                                                    "spurious": f.spurious, **evidence(f)},
-                "phrase": f.phrase if f else lexicon.normalize(phrase), "members": sorted(members),
+                "phrase": f.phrase if f else lexicon.normalize(phrase), "members": sorted({f.phrase, *f.phrases} if f else {lexicon.normalize(phrase)}),
                 "n_edits": len(mine), "n_flipped": sum(p.flipped for p in mine),
                 "n_controls": sum(p.pair_key in controls for p in mine), "edits": rows}
 

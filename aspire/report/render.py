@@ -25,8 +25,7 @@ from aspire.report.assets import Assets, Img, open_image, plain
 from aspire.report.text import fmt_acc, fmt_delta, fmt_p, fmt_rate, fmt_time, short, template_env
 from aspire.schemas import Edit, EvalResult, Finding, PhraseSet, Probe, Region
 from aspire.store import RunStore
-from aspire.tools import lexicon
-from aspire.tools.probe import rank_key
+from aspire.tools.probe import finding_edits, rank_key
 
 TRAIL_EVENTS = ("hypothesis", "outcome", "approval", "llm_failure")
 TRAIL_FIELDS = ("class", "phrase", "kind", "stage", "decision", "source", "reason")
@@ -231,11 +230,7 @@ class RunReport:
         data_root = (self.store.get_meta("args") or {}).get("data")
         chosen: list[tuple[Finding, list[Probe]]] = []
         for f in findings[:self.max_gallery_findings]:
-            phrases = set(f.phrases) or {lexicon.normalize(f.phrase)}
-            mine = [p for p in probes if not p.control and p.y == f.class_index and p.kind == f.kind
-                    and lexicon.normalize(p.phrase) in phrases]
-            mine.sort(key=lambda p: (not p.flipped, -p.prob_drop, p.edit_id))
-            chosen.append((f, mine))
+            chosen.append((f, finding_edits(f, probes)))
 
         # 2. the images: original, edited, control, generated from the edit
         originals: dict[str, Optional[Image.Image]] = {}

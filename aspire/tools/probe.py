@@ -200,6 +200,15 @@ def min_testable_pairs(settings: ProbeSettings) -> int:
     return max(settings.min_occurrences, math.floor(-math.log2(settings.alpha)) + 1)
 
 
+def finding_edits(f: Finding, probes: Sequence[Probe]) -> list[Probe]:
+    """A finding's real removal edits (its class, kind and any member phrase), flipped first, then by the drop of
+    the class's probability: what its evidence shows (report galleries, chat)."""
+    members = {f.phrase, *f.phrases}
+    mine = [p for p in probes if p.test == "removal" and not p.control and p.y == f.class_index and p.kind == f.kind
+            and lexicon.normalize(p.phrase) in members]
+    return sorted(mine, key=lambda p: (not p.flipped, -p.prob_drop, p.edit_id))
+
+
 def rank_key(f: Finding) -> tuple:
     """Findings order: spurious first, then larger effect, smaller q, then name (one order everywhere)."""
     return (-f.spurious, -f.effect, f.q_value, f.p_value, f.class_, f.phrase)
