@@ -97,7 +97,15 @@ class RunStore:
     def meta(self, key: str, default: Any = None) -> Any:
         """Meta `key` as its type (store_schema: a model with its defaults filled in), or `default` if unset."""
         raw = self.get_meta(key)
-        return default if raw is None else _adapter(self._documented("meta key", self.META, key).type).validate_python(raw)
+        if raw is None:
+            return default
+        entry = self._documented("meta key", self.META, key)
+        try:
+            return _adapter(entry.type).validate_python(raw)
+        except ValidationError as e:
+            raise AspireError(f"{self.run_dir / self.DB_NAME}: meta {key!r} does not match its type "
+                              f"{describe_type(entry.type)}: {e.errors()[0]['loc']} {e.errors()[0]['msg']} (a run "
+                              "written by another version of aspire, or damaged)") from None
 
     # ------------------------------------------------------------ records
     def put(self, kind: str, key: str, record: BaseModel | dict) -> None:

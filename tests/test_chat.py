@@ -7,9 +7,11 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pexpect
 import pytest
@@ -19,7 +21,7 @@ from langchain_core.outputs import ChatGenerationChunk
 from rich.console import Console
 
 from aspire.agent.approval import terminal_approver
-from aspire.agent.chat import ChatSession
+from aspire.agent.chat import CHAT_CHECKPOINTS, ChatSession
 from aspire.agent.tools import RunTools
 from aspire.agent.planner import group_key
 from aspire.config import AgentSettings
@@ -143,9 +145,23 @@ class Interrupted(FakeMessagesListChatModel):
         yield ChatGenerationChunk(message=AIMessageChunk(content="The red cube."))
 
 
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a run folder without its chat checkpoints. The databases go through SQLite's backup API: reading
+    them as plain files here would drop this process's POSIX locks on them, and the next process to close them
+    would delete their WAL files under the connections this process still holds (a "disk I/O error" later)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.sqlite*"))
+    for db in src.glob("*.sqlite"):
+        if db.name != CHAT_CHECKPOINTS:
+            source, target = sqlite3.connect(db), sqlite3.connect(dst / db.name)
+            source.backup(target)
+            source.close()
+            target.close()
+    return dst
+
+
 def test_ctrl_c_cancels_the_answer_and_a_second_exits(probed, tmp_path):
-    run = tmp_path / "run"   # a run chatted about before chat.sqlite existed: its logged turns start the thread
-    shutil.copytree(probed, run, ignore=shutil.ignore_patterns("chat.sqlite*"))
+    # a run chatted about before chat.sqlite existed: its logged turns start the thread
+    run = copy_run(probed, tmp_path / "run")
     buf = io.StringIO()
     console = Console(file=buf, width=200)
     inputs = iter(["why widget?", "and now?"])
@@ -168,8 +184,10 @@ def test_ctrl_c_cancels_the_answer_and_a_second_exits(probed, tmp_path):
     assert session.run() == 0
     out = buf.getvalue()
     assert "cancelled" in out and "The red cube." in out and "bye" in out
-    assert [m.content for m in session.history()[n_messages:]] == ["and now?", "The red cube."]   # nothing of the
+    later = ChatSession(RunTools(run), AgentSettings(), console=console, chat_model=model)   # the next `aspire chat`
+    assert [m.content for m in later.history()[n_messages:]] == ["and now?", "The red cube."]   # nothing of the
     assert "why widget?" not in str(model.seen[-1])                           # cancelled turn, nor sent to the LLM
+    later.close()
     users = [e for e in RunStore(run).events("chat") if e["role"] == "user"]
     assert users[-2]["content"] == "why widget?" and users[-2].get("cancelled")
 
@@ -213,8 +231,7 @@ def test_an_llm_that_fails_hands_the_session_to_the_offline_answers_once(probed)
 
 
 def test_a_failed_llm_call_is_retried_from_the_last_checkpoint_without_calling_the_tools_again(probed, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(probed, run, ignore=shutil.ignore_patterns("chat.sqlite*"))
+    run = copy_run(probed, tmp_path / "run")
     logged = len(RunStore(run).events("chat"))          # the turns of earlier tests on this run
     buf = io.StringIO()
     script = [tool_call("findings", {"class_name": "widget", "spurious_only": True}), 500,
@@ -323,6 +340,32 @@ def _plain(text: str) -> str:
     import re
 
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+
+
+def test_a_tool_that_fails_is_an_error_the_llm_reads_not_a_failed_llm_call(probed, tmp_path, monkeypatch):
+    """An unexpected tool error (here a RuntimeError, as a CUDA out-of-memory would be) goes back to the LLM as the
+    tool's answer: the tool runs once, and the session does not fall back to its offline answers."""
+    run = copy_run(probed, tmp_path / "run")
+    failures = len(RunStore(run).events("llm_failure"))   # of earlier tests on this run
+    calls = []
+
+    def failing(self, class_name: Optional[str] = None, spurious_only: bool = False, limit: int = 20) -> dict:
+        calls.append(class_name)
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(RunTools, "findings", failing)
+    buf = io.StringIO()
+    script = [tool_call("findings", {"class_name": "widget", "spurious_only": True}), content("The lookup failed.")]
+    with LoopbackLLM(script) as llm:
+        settings = AgentSettings(base_url=llm.base_url, api_key="x", max_retries=2, backoff_s=0, timeout_s=5,
+                                 stream=False)
+        session = ChatSession(RunTools(run), settings, console=Console(file=buf, width=200))
+        answer = session.turn("what flips widgets?")
+        requests = list(llm.requests)
+        session.close()
+    assert answer == "The lookup failed." and calls == ["widget"] and len(requests) == 2
+    assert "RuntimeError: CUDA out of memory" in json.dumps(requests[1]["messages"])
+    assert "did not answer" not in buf.getvalue() and len(RunStore(run).events("llm_failure")) == failures
 
 
 def test_chat_json_answers_one_line_per_question(probed):

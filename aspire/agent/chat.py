@@ -8,8 +8,9 @@ checkpointed in `chat.sqlite` in the run folder (one thread per run: the next `a
 chatted about before that file existed starts from its logged turns). What the prebuilt agent does not do itself:
 - a failed LLM call is retried with backoff while nothing of that answer was printed, resuming the graph from its
   last checkpoint (the tools already called are not called again); then the session answers offline;
-- Ctrl-C while an answer streams cancels the turn: the next question forks from the checkpoint before it, so the
-  half turn never reaches the LLM again (Ctrl-C or Ctrl-D at the prompt, or `quit`, ends the session, exit 0);
+- Ctrl-C while an answer streams cancels the turn: the checkpoint before it becomes the thread's latest again, so
+  the half turn never reaches the LLM, in this session or a later one (Ctrl-C or Ctrl-D at the prompt, or `quit`,
+  ends the session, exit 0);
 - every question, tool call and answer is also logged as a `chat` event of the run store (the offline mode and the
   report read them).
 """
@@ -58,7 +59,6 @@ class ChatSession:
         if not self.agent.get_state(THREAD).values:   # a new thread: the turns logged before, or nothing
             self.agent.update_state(THREAD, {"messages": self._logged_history()})
         self.offline = None   # the offline session that answers once the LLM has failed
-        self._fork: Optional[dict] = None   # the checkpoint the next turn starts from, after a cancelled one
 
     def system_prompt(self) -> str:
         from aspire.prompts import render_prompt
@@ -112,45 +112,48 @@ class ChatSession:
 
         if self.offline is not None:   # the LLM failed earlier in this session
             return self._offline(text, "", log_question=True)
-        config = self._fork or THREAD
-        before = self.agent.get_state(config).config     # the checkpoint to fork from if the turn is dropped
+        before = self.agent.get_state(THREAD).config     # the checkpoint to go back to if the turn is dropped
         self._log("user", content=text)
         todo: Any = {"messages": [HumanMessage(content=text)]}
         try:
             for attempt in llm.attempts(self.settings):
                 printed = [False]
                 try:
-                    self._stream(todo, config, printed)
+                    self._stream(todo, printed)
                     break
                 except Exception:   # retried while nothing of the failed answer was shown
                     if printed[0] or attempt == self.settings.max_retries:
                         raise
-                    todo, config = None, THREAD   # resume from the last checkpoint (tools called stay called)
+                    todo = None   # resume from the last checkpoint (the tools called stay called)
         except KeyboardInterrupt:
-            self._fork = before
+            self._drop_turn(before)
             self._log("user", content=text, cancelled=True)
             raise
         except AspireError:
-            self._fork = before
+            self._drop_turn(before)
             raise
         except Exception as e:  # noqa: BLE001 - the LLM failed: the rest of the session is answered offline
-            self._fork = before
+            self._drop_turn(before)
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
             self.tools.store.log_event("llm_failure", {"stage": "chat", "reason": reason})
             return self._offline(text, reason, log_question=False)   # the question is logged already
-        self._fork = None
         last = self.history()[-1]
         answer = llm.text_of(last.content) if last.type == "ai" else ""
         self._log("assistant", content=answer)
         return answer
 
-    def _stream(self, todo: Any, config: dict, printed: list[bool]) -> None:
+    def _drop_turn(self, before: dict) -> None:
+        """Make the checkpoint before a dropped turn the thread's latest (kept in chat.sqlite: a later session goes
+        on from it too)."""
+        self.agent.update_state(before, None)
+
+    def _stream(self, todo: Any, printed: list[bool]) -> None:
         """Run the agent on `todo`, printing the answer's tokens as they come and each tool call; `printed[0]`
         turns true once anything of the current LLM answer was shown."""
         calls: dict[str, dict] = {}
         started = False
         limit = {"recursion_limit": 2 * MAX_TOOL_STEPS + 1}
-        for mode, chunk in self.agent.stream(todo, {**config, **limit}, stream_mode=["messages", "updates"],
+        for mode, chunk in self.agent.stream(todo, {**THREAD, **limit}, stream_mode=["messages", "updates"],
                                               durability="sync"):
             if mode == "messages":
                 message, meta = chunk
@@ -193,4 +196,10 @@ class ChatSession:
     def run(self) -> int:
         self.console.print(f"aspire chat on {self.tools.run_dir} — ask about the classifier and its data; "
                            "Ctrl-C cancels an answer, Ctrl-D or `quit` exits.", highlight=False)
-        return chat_loop(self.console, self.turn)
+        try:
+            return chat_loop(self.console, self.turn)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._conn.close()

@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from aspire.errors import AspireError
+from aspire.errors import AspireError, error_line
 from aspire.schemas import Edit, Finding, Probe
 from aspire.store_schema import AuditMeta
 from aspire.tools import lexicon
-from aspire.tools.probe import finding_edits
+from aspire.tools.probe import evidence_order, finding_edits
 
 
 def evidence(f: Finding) -> dict:
@@ -152,7 +152,7 @@ class RunTools:
             mine = finding_edits(f, probes)
         else:   # a phrase of no finding: its own edits
             mine = sorted((p for p in probes if not p.control and (y is None or p.y == y)
-                           and lexicon.same_phrase(p.phrase, phrase)), key=lambda p: (not p.flipped, -p.prob_drop, p.edit_id))
+                           and lexicon.same_phrase(p.phrase, phrase)), key=evidence_order)
         rows = []
         for p in mine[:max(1, int(limit))]:
             control = controls.get(p.pair_key)
@@ -258,8 +258,8 @@ def langchain_tools(tools: RunTools) -> list:
         def call(**kwargs: Any) -> str:
             try:
                 return json.dumps(fn(**kwargs), default=str)
-            except AspireError as e:
-                return json.dumps({"error": str(e)})
+            except Exception as e:  # noqa: BLE001 - any tool error is the LLM's to read, not a failed LLM call
+                return json.dumps({"error": error_line(e)})
         return StructuredTool.from_function(func=call, name=name, description=fn.__doc__ or name,
                                             args_schema=_schema_of(fn, name))
 

@@ -206,7 +206,12 @@ def finding_edits(f: Finding, probes: Sequence[Probe]) -> list[Probe]:
     members = {f.phrase, *f.phrases}
     mine = [p for p in probes if p.test == "removal" and not p.control and p.y == f.class_index and p.kind == f.kind
             and lexicon.normalize(p.phrase) in members]
-    return sorted(mine, key=lambda p: (not p.flipped, -p.prob_drop, p.edit_id))
+    return sorted(mine, key=evidence_order)
+
+
+def evidence_order(p: Probe) -> tuple:
+    """How edits are shown as evidence: flipped first, then by the drop of the class's probability."""
+    return (not p.flipped, -p.prob_drop, p.edit_id)
 
 
 def rank_key(f: Finding) -> tuple:

@@ -8,5 +8,6 @@
     retrain.py  the classifier retrained with the generated images (one recipe for the audit and the batch)
     demo.py     `aspire demo`: toy data → ERM → the audit → repair → report
 
-Data flows data → models → tools → workflows → agent / batch → report, nothing back.
+Data flows data → models → tools → workflows → agent / batch → report, nothing back (as imports the report is a
+library the agent and batch call at their end, and the demo sits above the agent: tests/test_layers.py).
 """

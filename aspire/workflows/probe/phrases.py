@@ -41,7 +41,7 @@ class PhraseDiscovery:
         images = Counter(g for gs in groups_in.values() for g in gs)
         labels = [o for y in range(len(self.class_names)) for o in self.object_phrases(y)]
         frequent = [g for g, n in sorted(images.items(), key=lambda t: (-t[1], t[0]))
-                    if n >= self.config.probe.min_occurrences and not lexicon.same_as_any(g, labels)]
+                    if n >= self.config.probe.min_occurrences and not lexicon.same_as_any(g, labels, self.config.probe.merge_similarity)]
         todo = {k: [g for g in frequent if g not in groups_in[k] and g not in self._propagated(k).tried]
                 for k in usable if self.samples[k].y in self.class_ids and not self.store.has("failure", f"edit|{k}|")}
         todo = {k: v for k, v in todo.items() if v}
@@ -157,7 +157,7 @@ class PhraseDiscovery:
                     continue
                 named = phrases.named()
                 before = self._propagated(key)
-                if lexicon.same_as_any(phrase, named):
+                if lexicon.same_as_any(phrase, named, self.config.probe.merge_similarity):
                     shown += 1
                     continue
                 if phrase in before.tried:

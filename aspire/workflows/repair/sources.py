@@ -23,15 +23,11 @@ CACHE = "augment-cache"
 
 def mentions(phrase: str, groups: Sequence[Finding], threshold: float) -> bool:
     """Whether `phrase` names one of the phrase groups (background groups: also any phrase of their scene)."""
-    for g in groups:
-        for name in [g.phrase, *g.phrases]:
-            if lexicon.same_phrase(phrase, name, threshold):
-                return True
-            if g.kind == "background":
-                scene = lexicon.scene_category(name)
-                if scene is not None and scene == lexicon.scene_category(phrase):
-                    return True
-    return False
+    scene = lexicon.scene_category(phrase)
+    return any(lexicon.same_as_any(phrase, (g.phrase, *g.phrases), threshold)
+               or (g.kind == "background" and scene is not None
+                   and any(lexicon.scene_category(name) == scene for name in (g.phrase, *g.phrases)))
+               for g in groups)
 
 
 class Sources:
