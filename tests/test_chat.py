@@ -230,23 +230,31 @@ def test_an_llm_that_fails_hands_the_session_to_the_offline_answers_once(probed)
     assert out.count("widget: red cube (foreground), spurious") == 2
 
 
+def one_turn(run: Path, script: list, question: str, max_retries: int) -> tuple[str, list, str, ChatSession]:
+    """One chat turn on `run` against a loopback LLM answering `script`, not streamed: the answer, the requests
+    the LLM got, what the session printed, and the session."""
+    buf = io.StringIO()
+    with LoopbackLLM(script) as llm:
+        settings = AgentSettings(base_url=llm.base_url, api_key="x", max_retries=max_retries, backoff_s=0,
+                                 timeout_s=5, stream=False)
+        session = ChatSession(RunTools(run), settings, console=Console(file=buf, width=200))
+        answer = session.turn(question)
+        requests = list(llm.requests)
+    return answer, requests, buf.getvalue(), session
+
+
 def test_a_failed_llm_call_is_retried_from_the_last_checkpoint_without_calling_the_tools_again(probed, tmp_path):
     run = copy_run(probed, tmp_path / "run")
     logged = len(RunStore(run).events("chat"))          # the turns of earlier tests on this run
-    buf = io.StringIO()
     script = [tool_call("findings", {"class_name": "widget", "spurious_only": True}), 500,
               content("The red cube flips every widget.")]
-    with LoopbackLLM(script) as llm:
-        settings = AgentSettings(base_url=llm.base_url, api_key="x", max_retries=1, backoff_s=0, timeout_s=5,
-                                 stream=False)
-        session = ChatSession(RunTools(run), settings, console=Console(file=buf, width=200))
-        answer = session.turn("what flips widgets?")
-        requests = list(llm.requests)
-    assert answer == "The red cube flips every widget." and "did not answer" not in buf.getvalue()
+    answer, requests, out, session = one_turn(run, script, "what flips widgets?", max_retries=1)
+    assert answer == "The red cube flips every widget." and "did not answer" not in out
     assert len(requests) == 3 and requests[2]["messages"] == requests[1]["messages"]   # the same call again
     tools = [e for e in RunStore(run).events("chat")[logged:] if e["role"] == "tool"]
     assert [t["name"] for t in tools] == ["findings"]                                   # called once
     assert [m.type for m in session.history()[-4:]] == ["human", "ai", "tool", "ai"]
+    session.close()
 
 
 def test_terminal_approval_prompt_drops_and_adds():
@@ -354,18 +362,12 @@ def test_a_tool_that_fails_is_an_error_the_llm_reads_not_a_failed_llm_call(probe
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(RunTools, "findings", failing)
-    buf = io.StringIO()
     script = [tool_call("findings", {"class_name": "widget", "spurious_only": True}), content("The lookup failed.")]
-    with LoopbackLLM(script) as llm:
-        settings = AgentSettings(base_url=llm.base_url, api_key="x", max_retries=2, backoff_s=0, timeout_s=5,
-                                 stream=False)
-        session = ChatSession(RunTools(run), settings, console=Console(file=buf, width=200))
-        answer = session.turn("what flips widgets?")
-        requests = list(llm.requests)
-        session.close()
+    answer, requests, out, session = one_turn(run, script, "what flips widgets?", max_retries=2)
+    session.close()
     assert answer == "The lookup failed." and calls == ["widget"] and len(requests) == 2
     assert "RuntimeError: CUDA out of memory" in json.dumps(requests[1]["messages"])
-    assert "did not answer" not in buf.getvalue() and len(RunStore(run).events("llm_failure")) == failures
+    assert "did not answer" not in out and len(RunStore(run).events("llm_failure")) == failures
 
 
 def test_chat_json_answers_one_line_per_question(probed):

@@ -24,6 +24,7 @@ from aspire.agent.approval import (edits_to_use, finding_summary, parse_decision
 from aspire.agent.planner import Hypothesis, Plan, PlanRequest, finding_for, group_key, phrase_stats, trim_to_budget
 from aspire.agent.state import AuditContext, AuditState
 from aspire.schemas import Finding
+from aspire.store_schema import Models
 from aspire.tools.probe import rank_key
 from aspire.workflows.retrain import retrain_plan as workflow_retrain_plan
 
@@ -113,15 +114,16 @@ def hypothesize(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     degraded = saved.source != "llm"
     seen = {tuple(e.get(k) for k in ("round", "attempt")) for e in store.events("llm_failure")}
     for i, reason in enumerate(saved.failures):
-        store.log_event_once("llm_failure", {"stage": "hypothesize", "round": rnd, "attempt": i + 1, "reason": reason,
-                                         "degraded_to_planner": degraded, "source": saved.source},
-                  ("round", "attempt"), seen)
+        store.log_event_once("llm_failure", {"stage": "hypothesize", "round": rnd, "attempt": i + 1,
+                                             "reason": reason, "degraded_to_planner": degraded,
+                                             "source": saved.source},
+                             ("round", "attempt"), seen)
     seen = {tuple(e.get(k) for k in ("round", "class_index", "kind", "phrase")) for e in store.events("hypothesis")}
     for h in saved.hypotheses:
         store.log_event_once("hypothesis", {"round": rnd, "class": h["class_name"], "class_index": h["class_index"],
-                                        "phrase": h["phrase"], "kind": h["kind"], "phrases": h["phrases"],
-                                        "reason": h["reason"], "source": h["source"]},
-                  ("round", "class_index", "kind", "phrase"), seen)
+                                            "phrase": h["phrase"], "kind": h["kind"], "phrases": h["phrases"],
+                                            "reason": h["reason"], "source": h["source"]},
+                             ("round", "class_index", "kind", "phrase"), seen)
     return {"round": rnd if saved.hypotheses else rnd - 1,   # a round counts when it probes something
             "hypotheses": [Hypothesis(**h) for h in saved.hypotheses],
             "stop_reason": saved.reason if saved.stop else None, "llm_calls": saved.llm_calls,
@@ -300,13 +302,18 @@ def generate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     return {"augmented": summary}
 
 
+def retrained(store) -> Optional[str]:
+    """The retrained checkpoint of meta `models`, when its file is there."""
+    after = store.meta("models", Models()).after
+    return after if after and Path(after).is_file() else None
+
+
 def retrain(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     """Re-train the classifier on the training split plus the generated images; skipped when already done."""
     ctx = runtime.context
     store = ctx.pipeline.store
-    models = store.get_meta("models") or {}
-    if models.get("after") and Path(models["after"]).is_file():
-        return {"models": models}
+    if retrained(store):
+        return {"models": store.get_meta("models")}
     from aspire.data.augmented import load_augmented
     from aspire.models.classifier import save_checkpoint
     from aspire.models.methods import Augmentation
@@ -341,10 +348,10 @@ def evaluate(state: AuditState, runtime: Runtime[AuditContext]) -> dict:
     recorded = store.get_meta("evaluation") or {}
     results: dict[str, Any] = {}
     results["before"] = recorded.get("before") or evaluate_split(ctx.pipeline.classifier, ds, split).model_dump()
-    models = store.get_meta("models") or {}
-    if models.get("after") and Path(models["after"]).is_file():
+    after = retrained(store)
+    if after:
         results["after"] = recorded.get("after") or evaluate_split(
-            load_checkpoint(models["after"], device=ctx.config.agent.device), ds, split).model_dump()
+            load_checkpoint(after, device=ctx.config.agent.device), ds, split).model_dump()
     store.set_meta("evaluation", results)
     summary = {"split": split, **{k: {"worst_group_accuracy": v["worst_group_accuracy"],
                                       "average_accuracy": v["average_accuracy"], "worst_group": v["worst_group"]}

@@ -83,7 +83,8 @@ class RunTools:
         from aspire.agent import CHECKPOINTS
 
         findings = self.findings_list()
-        status = self.store.meta("audit", AuditMeta()).status or ("paused or unfinished" if (self.run_dir / CHECKPOINTS).is_file() else "probe only")
+        status = (self.store.meta("audit", AuditMeta()).status
+                  or ("paused or unfinished" if (self.run_dir / CHECKPOINTS).is_file() else "probe only"))
         evaluation = self.store.get_meta("evaluation") or {}
         return {
             "run_dir": str(self.run_dir), "kind": self.store.get_meta("kind"), "status": status,
@@ -145,6 +146,7 @@ class RunTools:
         image, edited PNG, its control, flipped or not. A phrase of no finding: the edits of that phrase."""
         f = self.finding_for(phrase, class_name)
         y = f.class_index if f else (self._class_index(class_name) if class_name else None)
+        members = {f.phrase, *f.phrases} if f else {lexicon.normalize(phrase)}
         edits = {e.edit_id: e for e in self.store.all("edit", Edit)}
         probes = [p for p in self.store.all("probe", Probe) if p.test == "removal"]
         controls = {p.pair_key: p for p in probes if p.control}
@@ -167,7 +169,7 @@ class RunTools:
                          "donor": edit.donor if edit else None})
         return {"finding": None if f is None else {"class": f.class_, "phrase": f.phrase, "kind": f.kind,
                                                    "spurious": f.spurious, **evidence(f)},
-                "phrase": f.phrase if f else lexicon.normalize(phrase), "members": sorted({f.phrase, *f.phrases} if f else {lexicon.normalize(phrase)}),
+                "phrase": f.phrase if f else lexicon.normalize(phrase), "members": sorted(members),
                 "n_edits": len(mine), "n_flipped": sum(p.flipped for p in mine),
                 "n_controls": sum(p.pair_key in controls for p in mine), "edits": rows}
 
