@@ -92,6 +92,9 @@ class GroundSettings(Settings):
     segmenter_id: str = "facebook/sam-vit-base"
     box_threshold: float = Field(0.3, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
+    clip_to_box: bool = Field(True, description="transformers: keep each SAM mask inside the box that prompted it "
+                              "(SAM can spill past a box onto similar texture; the detector placed the thing in the "
+                              "box); the dilation applies after")
     dilation_px: int = Field(10, ge=0, description="mask dilation radius; 0 keeps exact masks as they are")
     dtype: Precision = Field("auto", description="transformers: SAM's precision (auto: float16 on a GPU); "
                              "GroundingDINO stays in float32")

@@ -17,7 +17,7 @@ from aspire.data.images import load_mask, save_mask
 from aspire.errors import ConfigError, DataError, ModelLoadError
 from aspire.devices import pixel_dtype
 from aspire.data.images import dilate
-from aspire.tools.ground import Grounder, as_tool, detector_prompt, mask_box_xyxy_px, mask_filename
+from aspire.tools.ground import Grounder, as_tool, box_masks, detector_prompt, mask_box_xyxy_px, mask_filename
 from tiny_ground import build_tiny_gdino, build_tiny_sam
 from target_device import DEVICE
 
@@ -67,7 +67,7 @@ def test_transformers_end_to_end(tiny_models, tmp_path):
     written = sorted(p.name for p in (tmp_path / "masks").iterdir())
     assert written == sorted({Path(r.mask_png).name for r in grounded})
 
-    # the written mask is exactly the union of SAM's masks, one per box (image-sized bool)
+    # the written mask is exactly the union of SAM's masks, one per box (image-sized bool), each kept in its box
     image = _image(mode="L").convert("RGB")
     r = grounded[0]
     (boxes, _), = g.detect(image, [r.phrase])
@@ -77,9 +77,34 @@ def test_transformers_end_to_end(tiny_models, tmp_path):
     embeddings = g.segmenter.get_image_embeddings(pixels)
     masks = g.segment(embeddings, sam_inputs, range(len(boxes))).cpu().numpy()
     assert masks.shape == (len(boxes), H, W) and masks.dtype == bool
-    union = masks.any(axis=0)
-    assert union.sum() > masks.sum(axis=(1, 2)).max()  # the boxes' masks differ: the union is not one of them
+    inside = box_masks(boxes.tolist(), (H, W)).numpy()
+    union = (masks & inside).any(axis=0)
+    assert union.sum() > (masks & inside).sum(axis=(1, 2)).max()  # the boxes' masks differ: not one of them
     assert np.array_equal(_png_mask(r.mask_png), union)
+    assert not (union & ~inside.any(axis=0)).any()
+
+
+def test_sam_masks_kept_inside_their_boxes_unless_asked(tiny_models, tmp_path):
+    """clip_to_box (default): no pixel outside the detector's boxes, before dilation; off: SAM's masks as they are
+    (random SAM weights spill far past the boxes, as SAM can on similar texture)."""
+    kw = dict(box_threshold=0.0, text_threshold=0.0, dilation_px=0)
+    clipped, = _model_grounder(tiny_models, **kw).ground("x.png", _image(), ["dog"], tmp_path)
+    raw, = _model_grounder(tiny_models, clip_to_box=False, **kw).ground("x.png", _image(), ["dog"], tmp_path)
+    assert clipped.grounded and raw.grounded and clipped.mask_png != raw.mask_png  # other settings, other file
+    g = _model_grounder(tiny_models, **kw)
+    (boxes, _), = g.detect(_image(), ["dog"])   # the exact boxes (the records round them)
+    assert clipped.box_xyxy_px == raw.box_xyxy_px and np.allclose(boxes, clipped.box_xyxy_px, atol=0.01)
+    inside = box_masks(boxes.tolist(), (H, W)).numpy().any(axis=0)
+    mc, mr = _png_mask(clipped.mask_png), _png_mask(raw.mask_png)
+    assert mc.any() and not (mc & ~(mr & inside)).any()   # each box's mask in its box: inside their union too
+    assert (mr & ~inside).any()   # the clip removed something
+
+
+def test_box_masks_cover_the_pixels_a_box_touches():
+    m = box_masks([[1.2, 0.0, 3.0, 2.5], [9.5, 9.5, 12.0, 12.0]], (10, 10)).numpy()
+    assert m.shape == (2, 10, 10)
+    assert np.argwhere(m[0]).min(0).tolist() == [0, 1] and np.argwhere(m[0]).max(0).tolist() == [2, 2]
+    assert m[1].sum() == 1 and m[1, 9, 9]   # clipped to the image, at least one pixel
 
 
 def test_half_precision_segmenter_gets_half_pixels(tiny_models, tmp_path):

@@ -4,9 +4,10 @@ Diffusion inpainting and InstructPix2Pix edits, textual inversion + Stable Diffu
 and the report. `aspire probe` killed (kill -9) in the middle of its edits and resumed ends with the same records
 as an uninterrupted run; a planted whole-image mask is skipped with its reason.
 
-Grounding is the annotations backend here: at random weights GroundingDINO scores every query box near 1 and
-SAM's masks cover the whole image for every phrase, so no edit could be made from them (both are tested alone,
-tests/test_ground.py)."""
+The probe's grounding is the annotations backend (that is where the whole-image mask is planted); the audit's is
+GroundingDINO + SAM. At random weights every query box of the tiny GroundingDINO scores near 1 and SAM's masks spill
+over the whole image: kept inside their boxes (`ground.clip_to_box`, the default), they are partial regions an edit
+can remove. Those small regions make every phrase an object, so InstructPix2Pix runs in the probe's test only."""
 
 from __future__ import annotations
 
@@ -84,6 +85,11 @@ def build_world(root: Path) -> tuple[Path, str, LoopbackLLM]:
         "augment": {"select": "flipping", "filter": False},
     }
     (root / "config.json").write_text(json.dumps(config))
+    from tiny_ground import build_tiny_gdino, build_tiny_sam
+
+    config["ground"] = {"backend": "transformers", "detector_id": str(build_tiny_gdino(m / "gdino")),
+                        "segmenter_id": str(build_tiny_sam(m / "sam"))}
+    (root / "config-gdino.json").write_text(json.dumps(config))
     return root, planted, server
 
 
@@ -182,10 +188,17 @@ def test_audit_with_every_real_backend_generates_retrains_and_reports(setup, tmp
         monkeypatch.delenv(key, raising=False)
     run = tmp_path / "audit"
     code, out, err = run_main(monkeypatch, capsys, "audit", "--data", str(root / "data"), "--model",
-                              str(root / "model.pt"), "--run-dir", str(run), "--config", str(root / "config.json"),
-                              "--device", "cpu", "--yes", "--json")
+                              str(root / "model.pt"), "--run-dir", str(run), "--config",
+                              str(root / "config-gdino.json"), "--device", "cpu", "--yes", "--json")
     assert code == 0, err
     result = json.loads(out)
+    # grounded by GroundingDINO + SAM, and edited from those masks
+    done = records(run)
+    regions = [json.loads(r) for r in done["region"].values()]
+    assert {r["backend"] for r in regions} == {"transformers"}
+    assert any(r["grounded"] and 0 < r["area_px"] < 32 * 32 for r in regions)
+    edits = [json.loads(e) for e in done["edit"].values()]
+    assert "sd-inpaint" in {e["backend"] for e in edits if e["test"] == "removal" and not e["control"]}
     assert result["augmented"]["n_images"] > 0
     assert Path(result["augmented"]["dir"]) == run.resolve() / "augmented"   # everything inside the run folder
     manifest = json.loads(Path(result["augmented"]["dir"], "manifest.json").read_text())

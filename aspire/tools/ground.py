@@ -5,7 +5,8 @@ Backends behind one `Grounder.ground(image_key, image, phrases, out_dir)` call, 
 
 - "transformers": GroundingDINO (`IDEA-Research/grounding-dino-tiny`) finds boxes for the prompt
   `phrase + "."` (box threshold 0.3, text threshold 0.25); SAM (`facebook/sam-vit-base`) turns each box
-  into one mask (the image embedding is computed once per image, for all phrases); the union of the masks,
+  into one mask (the image embedding is computed once per image, for all phrases), kept inside its box
+  (`clip_to_box`); the union of the masks,
   dilated by `dilation_px` (10 px at 512 px, scaled with the image; elliptical kernel), is the phrase's region.
 - "annotations": the masks of the image's annotations.jsonl regions whose phrase matches (normalised,
   lemmas, synonyms: `lexicon.same_phrase`), unioned and dilated the same way (set `dilation_px=0` to keep
@@ -46,6 +47,19 @@ def mask_box_xyxy_px(mask: np.ndarray) -> list[float]:
     """The bounding box of a non-empty bool mask (H, W), as pixel edges [x0, y0, x1, y1]."""
     ys, xs = np.nonzero(mask)
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def box_masks(boxes_xyxy_px: Sequence[Sequence[float]], shape_hw: Sequence[int]) -> "torch.Tensor":
+    """Bool masks (n, H, W) of the pixels each box [x0, y0, x1, y1] (pixel edges) touches."""
+    import torch
+
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    out = torch.zeros((len(boxes_xyxy_px), h, w), dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes_xyxy_px):
+        c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+        c1, r1 = min(w, max(c0 + 1, int(np.ceil(x1)))), min(h, max(r0 + 1, int(np.ceil(y1))))
+        out[i, r0:r1, c0:c1] = True
+    return out
 
 
 def region_kind(mask: np.ndarray, object_mask: Optional[np.ndarray], min_share: float = 0.25) -> str:
@@ -157,7 +171,7 @@ class Grounder:
         s = self.settings
         if s.backend == "transformers":
             parts = (s.backend, s.detector_id, s.segmenter_id, s.box_threshold, s.text_threshold, s.dilation_px,
-                     s.dilation_reference_px)
+                     s.dilation_reference_px) + (("clip",) if s.clip_to_box else ())
             return "|".join(map(str, parts))
         return f"{s.backend}|{s.dilation_px}|{s.dilation_reference_px}"
 
@@ -304,7 +318,7 @@ class Grounder:
                 hits.reason = f"no box scored above box_threshold {s.box_threshold}"
             else:
                 box_index = list(range(start, start + n))
-                unions = map_batches(lambda idx: [self.segment(embeddings, sam_inputs, idx).any(dim=0)],
+                unions = map_batches(lambda idx: [self._masks(embeddings, sam_inputs, idx, all_boxes).any(dim=0)],
                                      box_index, SAM_BOXES_PER_CALL)
                 union = torch.stack(unions).any(dim=0).cpu().numpy()  # (H, W) bool
                 if union.any():
@@ -340,6 +354,14 @@ class Grounder:
             keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)  # drop degenerate boxes
             out.append((boxes[keep], scores[keep]))
         return out
+
+    def _masks(self, embeddings: "torch.Tensor", sam_inputs, box_index: Sequence[int],
+               boxes_px: Sequence[Sequence[float]]) -> "torch.Tensor":
+        """SAM's masks for the picked boxes (n, H, W), each kept inside its box when `clip_to_box`."""
+        masks = self.segment(embeddings, sam_inputs, box_index)
+        if self.settings.clip_to_box:
+            masks = masks & box_masks([boxes_px[i] for i in box_index], masks.shape[-2:]).to(masks.device)
+        return masks
 
     def segment(self, embeddings: "torch.Tensor", sam_inputs, box_index: Sequence[int]) -> "torch.Tensor":
         """SAM's mask for each box of `sam_inputs` picked by `box_index`: bool (n, H, W) at the image's size."""
