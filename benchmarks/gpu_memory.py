@@ -1,17 +1,21 @@
 """Memory per stage of an audit with the real backends: which models are alive, their weights, and the peak.
 
-The run is the real-backend test's world (tests/test_real_backends.py `build_world`): tiny random-weight models
-saved to folders (GIT captions, LLM phrases over a loopback server, Stable Diffusion inpainting and
-InstructPix2Pix edits, textual inversion + Stable Diffusion), a tiny toy-waterbirds and its smallcnn. The
-stages run as the audit runs them: caption → phrases and propagation → edits → probe and the further tests →
-generation → retraining. A sampler thread looks at every live torch module every few milliseconds (the
-garbage collector's view: a released model that something still references is counted) and keeps, per stage,
-the largest sum of their weights and the model classes alive then. On CUDA it also reports
-torch.cuda.max_memory_allocated per stage (reset at each stage's start); on the CPU the process's peak resident
-set size after the stage (it only grows). With tiny models the bytes are small: the table says what is alive
-when, which decides the peak with real models.
+Two worlds, one run of the audit's stages each (caption → phrases and propagation → edits → probe and the further
+tests → generation → retraining):
+- `--sizes tiny` (default): the real-backend test's world (tests/test_real_backends.py `build_world`): tiny
+  random-weight models saved to folders, a 32 px toy-waterbirds and its smallcnn. Seconds; the table says what is
+  alive when.
+- `--sizes real`: the same backends with the default models' architectures at their real sizes and random weights
+  (benchmarks/real_sizes.py: GIT-large, GroundingDINO-tiny + SAM ViT-B, SD 1.5 inpainting, InstructPix2Pix and
+  SD 1.5 for textual inversion), a 512 px toy-waterbirds and a ResNet-50; one diffusion step per call. Its bytes
+  are the real ones.
+A sampler thread looks at every live torch module every few milliseconds (the garbage collector's view: a released
+model that something still references is counted) and keeps, per stage, the largest sum of their weights and the
+model classes alive then; the weights are also given at 2 bytes a parameter (what float16 holds on a GPU). On CUDA
+it reports torch.cuda.max_memory_allocated per stage (reset at each stage's start); on the CPU the process's peak
+resident set size after the stage (it only grows).
 
-    python benchmarks/gpu_memory.py [--device cpu|cuda]
+    python benchmarks/gpu_memory.py [--device cpu|cuda] [--sizes tiny|real] [--models DIR]
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import time
 from pathlib import Path
 
 
-def alive() -> dict[str, int]:
-    """{model class: bytes of its weights} over the live torch modules that are no other module's part."""
+def alive() -> dict[str, tuple[int, int]]:
+    """{model class: (bytes of its weights, their number)} over the live torch modules that are no other module's
+    part."""
     import warnings
 
     import torch
@@ -38,18 +43,20 @@ def alive() -> dict[str, int]:
         warnings.simplefilter("ignore")
         modules = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]
     parts = {id(c) for m in modules for c in m.children()}
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     seen: set[int] = set()
     for m in modules:
         if id(m) in parts:
             continue
-        n = 0
+        n = count = 0
         for t in [*m.parameters(), *m.buffers()]:
             if id(t) not in seen:
                 seen.add(id(t))
                 n += t.numel() * t.element_size()
+                count += t.numel()
         if n:
-            out[type(m).__name__] = out.get(type(m).__name__, 0) + n
+            had = out.get(type(m).__name__, (0, 0))
+            out[type(m).__name__] = (had[0] + n, had[1] + count)
     return out
 
 
@@ -67,8 +74,9 @@ class Sampler:
             stage = self.stage
             if stage is not None:
                 now = alive()
-                if sum(now.values()) >= stage["bytes"]:
-                    stage.update(bytes=sum(now.values()), alive=now)
+                held = sum(b for b, _ in now.values())
+                if held >= stage["bytes"]:
+                    stage.update(bytes=held, numel=sum(n for _, n in now.values()), alive=now)
             time.sleep(self.every_s)
 
     @contextlib.contextmanager
@@ -78,7 +86,7 @@ class Sampler:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.stage = {"stage": name, "bytes": 0, "alive": {}}
+        self.stage = {"stage": name, "bytes": 0, "numel": 0, "alive": {}}
         started = time.perf_counter()
         yield
         time.sleep(3 * self.every_s)   # at least one sample after the stage's last step
@@ -96,18 +104,30 @@ class Sampler:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
+    ap.add_argument("--sizes", choices=("tiny", "real"), default="tiny")
+    ap.add_argument("--models", type=Path, default=None,
+                    help="--sizes real: folder of the built models (kept and reused; default: a temporary one)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_real_backends import build_world
+    if args.sizes == "real":
+        import real_sizes
+
+        def build_world(root: Path):
+            return real_sizes.build_world(root, args.models or root / "models")
+    else:
+        from test_real_backends import build_world
 
     with tempfile.TemporaryDirectory(prefix="aspire-memory-") as tmp:
         rows = measure(build_world, Path(tmp), args.device)
-    print("| stage | models alive at the stage's peak | their weights KiB | peak CUDA MiB | peak RSS MiB | s |")
-    print("|---|---|---|---|---|---|")
+    unit, scale = ("MiB", 2**20) if args.sizes == "real" else ("KiB", 2**10)
+    print(f"| stage | models alive at the stage's peak ({unit} as held) | {unit} as held | {unit} at float16 | "
+          "peak CUDA MiB | peak RSS MiB | s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        names = ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(r["alive"].items(), key=lambda kv: -kv[1]))
+        names = ", ".join(f"{k} {b / scale:.0f}" for k, (b, _) in sorted(r["alive"].items(), key=lambda kv: -kv[1][0]))
         cuda = r["cuda_peak_mib"] if r["cuda_peak_mib"] is not None else "n/a"
-        print(f"| {r['stage']} | {names} | {r['bytes'] / 1024:.0f} | {cuda} | {r['rss_peak_mib']} | {r['seconds']} |")
+        print(f"| {r['stage']} | {names} | {r['bytes'] / scale:.0f} | {2 * r['numel'] / scale:.0f} | {cuda} | "
+              f"{r['rss_peak_mib']} | {r['seconds']} |")
 
 
 def measure(build_world, tmp: Path, device) -> list[dict]:
@@ -143,7 +163,7 @@ def measure(build_world, tmp: Path, device) -> list[dict]:
             augment_run(root / "run", root / "augmented", cfg, 0, groups=groups, pipeline=pipeline,
                         on_message=lambda m: None)
         with sampler.measure("retraining"):
-            model = build_classifier("smallcnn", dataset.class_names, input_size=32, seed=0)
+            model = build_classifier(clf.arch, dataset.class_names, input_size=clf.input_size, seed=0)
             train_classifier(model, dataset.split("train"), [], epochs=1, batch_size=8, lr=0.05, weight_decay=5e-4,
                              seed=0, augment=False, progress=False)
     finally:

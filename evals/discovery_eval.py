@@ -30,6 +30,7 @@ from typing import Optional
 from evals.common import (EPOCHS, WORLD_EPOCHS, erm_model, eval_parser, finish, fmt, markdown_table, mean_std,
                           toy_data, truth_data)
 from evals.worlds import WORLDS
+from aspire.config import ProbeSettings
 
 
 def match_element(phrases: list[str], elements: dict) -> Optional[str]:
@@ -112,6 +113,15 @@ def run_seed(bench: str, seed: int, workdir: Path, debug: bool, epochs: int, thr
         relevant = sum(v[key]["relevant"] for v in per_class.values())
         return {"precision": tp / flagged if flagged else None, "recall": tp / relevant if relevant else None}
 
+    # the ceiling of a probability test: the exact counterfactual P(true) drop itself, thresholded, vs reliance
+    relied_all = {(r.class_index, r.element) for r in reliance if r.drop >= threshold}
+
+    def exact_test(at: float) -> dict[str, Optional[float]]:
+        said = {(r.class_index, r.element) for r in reliance if r.mean_prob_drop >= at}
+        tp = len(said & relied_all)
+        return {"at": at, "precision": tp / len(said) if said else None,
+                "recall": tp / len(relied_all) if relied_all else None}
+
     # the probe's cost: edits and classifier calls per tested group, removal alone vs every test
     store = RunStore(run_dir)
     edits = Counter(e.test for e in store.all("edit", Edit))
@@ -120,6 +130,7 @@ def run_seed(bench: str, seed: int, workdir: Path, debug: bool, epochs: int, thr
     aps = [v["average_precision_reliance"] for v in per_class.values() if v["average_precision_reliance"] is not None]
     return {"benchmark": bench, "seed": seed, "probe_seconds": round(probe_s, 1), "per_class": per_class,
             "vs_reliance": overall("vs_reliance"), "vs_planted": overall("vs_planted"),
+            "exact_prob_drop": {"min_effect": exact_test(cfg.probe.min_effect), "threshold": exact_test(threshold)},
             "mean_average_precision": sum(aps) / len(aps) if aps else None,
             "n_flagged": sum(f.spurious for f in result.findings), "n_joint": sum(f.joint for f in result.findings),
             "cost": {"tested_groups": tested, "edits": dict(edits),
@@ -146,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     runs = [run_seed(b, s, args.workdir, args.debug, epochs(b), args.reliance_threshold, args.k,
                      args.truth_test_per_class) for b in names for s in args.seeds]
-    summary, rows, cost_rows = {}, [], []
+    summary, rows, cost_rows, exact_rows = {}, [], [], []
     for b in names:
         mine = [r for r in runs if r["benchmark"] == b]
         s = {f"{vs}_{m}": mean_std(r[vs][m] for r in mine)
@@ -154,7 +165,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         s["mean_average_precision"] = mean_std(r["mean_average_precision"] for r in mine)
         s["runs_flagging_anything"] = sum(1 for r in mine if r["n_flagged"])
         s["joint_findings"] = sum(r["n_joint"] for r in mine)
+        for at in ("min_effect", "threshold"):
+            for m in ("precision", "recall"):
+                s[f"exact_{at}_{m}"] = mean_std(r["exact_prob_drop"][at][m] for r in mine)
         summary[b] = s
+        exact_rows.append([b, *(fmt(s[f"exact_{at}_{m}"]) for at in ("min_effect", "threshold")
+                                for m in ("precision", "recall"))])
         rows.append([b, epochs(b), len(mine), fmt(s["vs_reliance_precision"]), fmt(s["vs_reliance_recall"]),
                      fmt(s["vs_planted_precision"]), fmt(s["vs_planted_recall"]), fmt(s["mean_average_precision"]),
                      f"{s['runs_flagging_anything']}/{len(mine)}", s["joint_findings"]])
@@ -176,6 +192,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "predictions + one per edit), removal alone vs with the insertion and joint tests; probe seconds per run.\n\n"
           + markdown_table(["benchmark", "edits/group (removal)", "edits/group (all tests)",
                             "calls/group (removal)", "calls/group (all tests)", "probe s"], cost_rows)
+          + "\nThe ceiling of any test on the probability: the exact counterfactual drop of P(true class) (on the "
+            "same counterfactual set as the reliance) as the verdict, at the probe's `min_effect` "
+            f"({ProbeSettings().min_effect}) and at the reliance threshold, vs the reliance (accuracy drop):\n\n"
+          + markdown_table(["benchmark", "precision at min_effect", "recall at min_effect",
+                            "precision at the threshold", "recall at the threshold"], exact_rows)
           + "\nPer class (first seed):\n\n")
     for r in runs:
         if r["seed"] != args.seeds[0]:

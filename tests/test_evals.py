@@ -34,7 +34,13 @@ def test_discovery_eval_debug(workdir):
         assert c["vs_planted"]["tp"] == len(set(c["flagged"]) & set(c["planted"]))
     elements = {r["element"] for r in run["reliance"]}
     assert {"boat", "fence", "sun", "cloud", "land", "water"} <= elements
-    assert (out / "discovery_debug.md").is_file()
+    # the ceiling: the exact probability drops as the verdict, scored against the accuracy drops
+    relied = {(r["class"], r["element"]) for r in run["reliance"] if r["drop"] >= 0.1}
+    for exact in run["exact_prob_drop"].values():
+        said = {(r["class"], r["element"]) for r in run["reliance"] if r["mean_prob_drop"] >= exact["at"]}
+        assert exact["precision"] == (len(said & relied) / len(said) if said else None)
+        assert exact["recall"] == (len(said & relied) / len(relied) if relied else None)
+    assert (out / "discovery_debug.md").is_file() and "ceiling" in (out / "discovery_debug.md").read_text()
 
 
 def test_element_matching_and_ranking_metrics():

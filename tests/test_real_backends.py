@@ -7,7 +7,8 @@ as an uninterrupted run; a planted whole-image mask is skipped with its reason.
 The probe's grounding is the annotations backend (that is where the whole-image mask is planted); the audit's is
 GroundingDINO + SAM. At random weights every query box of the tiny GroundingDINO scores near 1 and SAM's masks spill
 over the whole image: kept inside their boxes (`ground.clip_to_box`, the default), they are partial regions an edit
-can remove. Those small regions make every phrase an object, so InstructPix2Pix runs in the probe's test only."""
+can remove. Those small regions make every phrase an object, so InstructPix2Pix runs in the probe's test only.
+With ASPIRE_TEST_DEVICE=cuda both run on the GPU, where every tool's `dtype = "auto"` is half precision."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import pytest
 
 from cli_main import run_main
 from llm_server import LoopbackLLM, structured
+from target_device import DEVICE
 
 pytestmark = pytest.mark.slow
 PHRASE = "bird feeder"   # named by the LLM for every caption; annotated only in one image, as the whole image
@@ -110,7 +112,7 @@ def plant_whole_image_mask(data: Path, image: str) -> None:
 
 def probe_args(root: Path, run: Path) -> list[str]:
     return ["probe", "--data", str(root / "data"), "--model", str(root / "model.pt"), "--run-dir", str(run),
-            "--config", str(root / "config.json"), "--device", "cpu", "--json"]
+            "--config", str(root / "config.json"), "--device", DEVICE, "--json"]
 
 
 def aspire(*args: str) -> subprocess.Popen:
@@ -189,7 +191,7 @@ def test_audit_with_every_real_backend_generates_retrains_and_reports(setup, tmp
     run = tmp_path / "audit"
     code, out, err = run_main(monkeypatch, capsys, "audit", "--data", str(root / "data"), "--model",
                               str(root / "model.pt"), "--run-dir", str(run), "--config",
-                              str(root / "config-gdino.json"), "--device", "cpu", "--yes", "--json")
+                              str(root / "config-gdino.json"), "--device", DEVICE, "--yes", "--json")
     assert code == 0, err
     result = json.loads(out)
     # grounded by GroundingDINO + SAM, and edited from those masks
