@@ -49,12 +49,12 @@ def mask_box_xyxy_px(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def box_masks(boxes_xyxy_px: Sequence[Sequence[float]], shape_hw: Sequence[int]) -> "torch.Tensor":
+def box_masks(boxes_xyxy_px: Sequence[Sequence[float]], shape_hw: Sequence[int], device=None) -> "torch.Tensor":
     """Bool masks (n, H, W) of the pixels each box [x0, y0, x1, y1] (pixel edges) touches."""
     import torch
 
     h, w = int(shape_hw[0]), int(shape_hw[1])
-    out = torch.zeros((len(boxes_xyxy_px), h, w), dtype=torch.bool)
+    out = torch.zeros((len(boxes_xyxy_px), h, w), dtype=torch.bool, device=device)
     for i, (x0, y0, x1, y1) in enumerate(boxes_xyxy_px):
         c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
         c1, r1 = min(w, max(c0 + 1, int(np.ceil(x1)))), min(h, max(r0 + 1, int(np.ceil(y1))))
@@ -360,7 +360,7 @@ class Grounder:
         """SAM's masks for the picked boxes (n, H, W), each kept inside its box when `clip_to_box`."""
         masks = self.segment(embeddings, sam_inputs, box_index)
         if self.settings.clip_to_box:
-            masks = masks & box_masks([boxes_px[i] for i in box_index], masks.shape[-2:]).to(masks.device)
+            masks = masks & box_masks([boxes_px[i] for i in box_index], masks.shape[-2:], masks.device)
         return masks
 
     def segment(self, embeddings: "torch.Tensor", sam_inputs, box_index: Sequence[int]) -> "torch.Tensor":
