@@ -12,7 +12,7 @@ import pytest
 from aspire.config import ProbeSettings, load_config
 from aspire.data import load_dataset
 from aspire.workflows.probe import ProbePipeline
-from aspire.schemas import Probe
+from aspire.schemas import Edit, Probe
 from aspire.store import RunStore
 from aspire.tools.ground import region_kind
 from aspire.tools.groups import colour_histogram, merge_by_appearance
@@ -171,3 +171,68 @@ def test_joint_removal_finds_redundant_shortcuts(tmp_path):
     assert block.joint and block.spurious and block.joint_q_value < 0.05
     assert result.joint["widget"]["effect"] == pytest.approx(0.35, abs=1e-6)
     assert mark.joint_effect == pytest.approx(0.35, abs=1e-6)
+
+
+class CyanMeansWidget:
+    """P(widget) = 0.9 on a mostly cyan image (the widgets' lagoon), else 0.2: a background shortcut."""
+
+    class_names = ["gizmo", "widget"]
+    num_classes = 2
+    arch = "smallcnn"
+    input_size = 64
+    train_info = GradedWidget.train_info
+
+    def predict_proba(self, images, batch_size=64):
+        out = []
+        for im in images:
+            a = np.asarray(im.convert("RGB")).astype(int)
+            cyan = ((a[..., 0] < 80) & (a[..., 1] > 150) & (a[..., 2] > 150)).mean()
+            p = 0.9 if cyan > 0.5 else 0.2
+            out.append([1 - p, p])
+        return np.array(out, dtype=np.float32)
+
+
+def one_background_per_class_world(root: Path, n_per_class: int = 12) -> Path:
+    """Every gizmo on a sand-coloured dune, every widget on a cyan lagoon: a class's own images show one background."""
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(2 * n_per_class):
+        y = i % 2
+        img = np.zeros((SIZE, SIZE, 3), np.uint8) + np.array((30, 200, 210) if y else (210, 190, 120), np.uint8)
+        img = img + rng.integers(0, 8, (SIZE, SIZE, 3), dtype=np.uint8)
+        obj = _box(24, 20, 16, 16)
+        img[obj] = (220, 20, 20) if y else (30, 30, 30)
+        name, place = ("widget", "lagoon") if y else ("gizmo", "dune")
+        items.append((img, y, 0, f"a {name} on a {place}", [(name, obj), (place, ~obj)]))
+    return write_world(root, items)
+
+
+def test_a_class_probed_alone_borrows_other_classes_backgrounds(tmp_path):
+    """Probing the widgets alone (--classes, a batch unit): their hold-out shows only lagoons, so the background
+    change takes its donors from the gizmos' training images, which are described but never edited. Without
+    donors (holdout.donor_images = 0) the lagoon cannot be tested at all."""
+    world = one_background_per_class_world(tmp_path / "w")
+    ann = str(world / "annotations.jsonl")
+
+    def probe(run: str, donors: int):
+        cfg = load_config(None, {"caption": {"annotations": ann}, "ground": {"annotations": ann, "dilation_px": 0},
+                                 "holdout": {"fraction": 1.0, "donor_images": donors}})
+        pipeline = ProbePipeline(load_dataset(world), CyanMeansWidget(), cfg, RunStore(tmp_path / run), seed=0,
+                                 classes=["widget"])
+        return pipeline, pipeline.run()
+
+    pipeline, result = probe("with", donors=5)
+    donors = pipeline.store.meta("donors", [])
+    assert len(donors) == 5 and all(pipeline.samples[k].y == 0 for k in donors) and result.counts.donors == 5
+    assert result.counts.holdout == 12 and result.counts.captions == 12   # the donors are described, not counted
+    edits = pipeline.store.all("edit", Edit)
+    assert edits and {pipeline.samples[e.image].y for e in edits} == {1}            # only widgets are edited
+    real = [e for e in edits if e.kind == "background" and not e.control]
+    assert real and {e.donor for e in real} <= set(donors)
+    lagoon, = [f for f in result.findings if f.kind == "background"]
+    assert lagoon.phrase == "lagoon" and lagoon.spurious and lagoon.effect == pytest.approx(0.7, abs=1e-6)
+
+    pipeline, result = probe("without", donors=0)
+    assert pipeline.store.meta("donors", []) == [] and not any(f.kind == "background" for f in result.findings)
+    reasons = {e["reason"] for e in pipeline.store.events("skipped")}
+    assert "no hold-out or donor image with another background to take one from" in reasons

@@ -25,6 +25,7 @@ ITEM_ERRORS = (DataError, RuntimeError, ValueError, OSError)
 @dataclass
 class ProbeCounts:
     holdout: int = 0
+    donors: int = 0   # other classes' training images that lend backgrounds (holdout.donor_images)
     captions: int = 0
     phrase_failures: int = 0
     regions: int = 0

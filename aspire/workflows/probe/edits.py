@@ -117,14 +117,14 @@ class EditSteps:
         return self._object_unions[sample.image]
 
     def background_groups(self) -> dict[str, str]:
-        """{background phrase: group} over the hold-out's backgrounds. Phrases whose regions were found are grouped
+        """{background phrase: group} over the backgrounds of the hold-out and the donors. Phrases whose regions were found are grouped
         by how their regions look (colour histograms, `merge_by_appearance`): "pond" joins "lake" because pond
         images look like lake images, whatever the words; the others by text (near-duplicate phrases). Computed
         once, kept in the store (meta `background_groups`): the donors and the findings use the same groups."""
         if self._bg_groups is None:
             self._bg_groups = self.store.get_meta("background_groups")
         if self._bg_groups is None:
-            found = {k: b for k in self.store.get_meta("holdout", []) if (b := self._background_of(k)) is not None}
+            found = {k: b for k in self._described_keys() if (b := self._background_of(k)) is not None}
             by_text = merge_phrase_groups([b[0] for b in found.values()], self.config.probe.merge_similarity,
                                           by_scene=True)
             hists: dict[str, list[np.ndarray]] = {}
@@ -249,11 +249,11 @@ class EditSteps:
                                              control=control, region_mask=region) for control in (False, True)]
         other = self._donor(sample, seed, lambda g: g != group, whole=region is None)
         if other is None:
-            self._skip(sample, phrase, "no hold-out image with another background to take one from")
+            self._skip(sample, phrase, "no hold-out or donor image with another background to take one from")
             return []
         same = self._donor(sample, seed, lambda g: g == group, whole=region is None)
         if same is None and region is not None:  # a region copied onto itself would change nothing
-            self._skip(sample, phrase, "no other hold-out image with a background of the same group for a control")
+            self._skip(sample, phrase, "no other hold-out or donor image with a background of the same group for a control")
             return []
         if same is None:  # the image's whole background, its object inpainted: the compositing artefacts alone
             same, kind = (image, fg_mask, ~fg_mask, phrase, sample.image), "self-donor"
@@ -267,23 +267,27 @@ class EditSteps:
         return [edit.model_copy(update={"donor": donor[4], "donor_background": donor[3]})
                 for edit, donor in ((real, other), (control, same))]
 
+    def _described_keys(self) -> list[str]:
+        """The hold-out's image keys, then the donors' (they lend backgrounds)."""
+        return [*self.store.get_meta("holdout", []), *self.store.meta("donors", [])]
+
     def _alternative(self, group: str) -> Optional[str]:
-        """The most frequent other background group of the hold-out (for instruction editing)."""
-        counts = Counter(self._background_group(b[0]) for k in self.store.get_meta("holdout", [])
+        """The most frequent other background group of the hold-out and the donors (for instruction editing)."""
+        counts = Counter(self._background_group(b[0]) for k in self._described_keys()
                          if (b := self._background_of(k)) is not None)
         others = [(n, g) for g, n in counts.items() if g != group]
         return max(others, key=lambda t: (t[0], t[1]))[1] if others else None
 
     def _donor(self, sample: Sample, seed: int, wanted: Callable[[str], bool], whole: bool = False):
-        """(image, object mask, background region, phrase, key) of another hold-out image whose background group is
-        `wanted`; its object must be found when its region is not, or when its `whole` background is wanted
+        """(image, object mask, background region, phrase, key) of another hold-out or donor image whose background
+        group is `wanted`; its object must be found when its region is not, or when its `whole` background is wanted
         (its object is inpainted away then). None when there is none.
 
         The group is drawn first, each wanted group alike (among those of at least probe.min_occurrences images,
         when there are such), then an image of it: a background change goes to another kind of background,
         not to whatever kind the probed classes' images happen to show most."""
         rng = random.Random(seed)
-        keys = sorted(k for k in self.store.get_meta("holdout", []) if k != sample.image)
+        keys = sorted(k for k in self._described_keys() if k != sample.image)
         rng.shuffle(keys)
         by_group: dict[str, list[str]] = defaultdict(list)
         for key in keys:

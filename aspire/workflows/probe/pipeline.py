@@ -37,6 +37,7 @@ from aspire.errors import AspireError, DataError, error_line
 from aspire.schemas import Caption, Edit, Failure, Finding, PhraseSet, Probe, Propagated, Region, Sample
 from aspire.progress import step_progress
 from aspire.store import RunStore
+from aspire.tools.generate import derive_seed
 from aspire.tools.probe import Prediction, Prober, aggregate_findings, compare_findings, joint_summary
 from aspire.workflows.probe.base import ALL_CANDIDATES, ITEM_ERRORS, ProbeCounts, ProbeResult, Progress, object_phrases
 from aspire.workflows.probe.edits import EditSteps
@@ -110,6 +111,14 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
     def holdout(self) -> list[Sample]:
         return [self.samples[k] for k in self.store.get_meta("holdout", [])]
 
+    def donors(self) -> list[Sample]:
+        """Other classes' training images that lend their backgrounds (described like the hold-out, never edited)."""
+        return [self.samples[k] for k in self.store.meta("donors", [])]
+
+    def described(self) -> list[Sample]:
+        """The images that are captioned and grounded: the hold-out, then the donors."""
+        return self.holdout() + self.donors()
+
     # ------------------------------------------------------------ 1. D_hold
     def select_holdout(self) -> list[Sample]:
         """Per probed class, a random p% of its training images that the classifier gets right."""
@@ -139,9 +148,24 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
                 raise DataError(f"class {self.class_names[y]!r}: none of its {len(pool)} training images could be "
                                 f"read (the first: {unreadable[0]})")
             chosen += sorted(kept[:want])
+        self.store.set_meta("donors", self._pick_donors(train))
         self.store.set_meta("holdout", chosen)
         self.store.log_event("holdout", {"n": len(chosen), "classes": [self.class_names[y] for y in self.class_ids]})
         return self.holdout()
+
+    def _pick_donors(self, train: Sequence[Sample]) -> list[str]:
+        """`holdout.donor_images` training images of the classes not probed, drawn in turn from each class (seeded):
+        none when every class is probed (their hold-out images lend each other their backgrounds)."""
+        others = [y for y in range(len(self.class_names)) if y not in self.class_ids]
+        pools = {y: sorted(s.image for s in train if s.y == y and not s.synthetic) for y in others}
+        rng = random.Random(derive_seed(self.config.holdout.seed + self.seed, "donors"))
+        for pool in pools.values():
+            rng.shuffle(pool)
+        rng.shuffle(others)
+        picked: list[str] = []
+        for i in range(max((len(p) for p in pools.values()), default=0)):
+            picked += [pools[y][i] for y in others if i < len(pools[y])]
+        return sorted(picked[:self.config.holdout.donor_images])
 
     def _correct(self, samples: Sequence[Sample]) -> list[Sample]:
         """The samples the classifier gets right; its predictions are recorded (records `prediction`). An image
@@ -165,10 +189,10 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
 
     # ------------------------------------------------------------ 2. captions
     def caption(self) -> list[Caption]:
-        """Captions of the hold-out images. A batch that fails is captioned image by image; an image that fails
+        """Captions of the hold-out images (and the donors). A batch that fails is captioned image by image; an image that fails
         alone is a recorded failure (not retried on resume unless `retry_failed`); all of them failing is an error."""
         holdout = self.select_holdout()
-        todo = [s for s in holdout if not self.store.has("caption", s.image)
+        todo = [s for s in self.described() if not self.store.has("caption", s.image)
                 and not self.store.has("failure", f"caption|{s.image}|")]
         if todo:
             captioner = self.tool("captioner")
@@ -194,7 +218,9 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
 
     # ------------------------------------------------------------ 3. phrases
     def extract_phrases(self) -> list[PhraseSet]:
-        captions = [c for c in self.caption() if not self.store.has("phrases", c.image)]
+        self.caption()
+        captions = [c for c in (self.store.get("caption", s.image, Caption) for s in self.described())
+                    if c is not None and not self.store.has("phrases", c.image)]
         if captions:
             extractor = self.tool("extractor")
             class_of = {c.image: self.class_names[self.samples[c.image].y] for c in captions}
@@ -325,7 +351,8 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
                    if r.image in holdout and f"{r.image}|{r.phrase}" not in searched]
         edits = self.store.all("edit", Edit)
         return ProbeCounts(
-            holdout=len(holdout), captions=self.store.count("caption"),
+            holdout=len(holdout), donors=len(self.store.meta("donors", [])),
+            captions=sum(self.store.has("caption", k) for k in holdout),
             phrase_failures=sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed),
             regions=len(regions), not_grounded=sum(1 for r in regions if not r.grounded),
             propagated=sum(len(p.found) for p in propagated),
