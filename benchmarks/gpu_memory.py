@@ -63,8 +63,8 @@ def alive() -> dict[str, tuple[int, int]]:
 class Sampler:
     """Per stage: the largest sum of live weights, and the model classes alive at that moment."""
 
-    def __init__(self, every_s: float = 0.01):
-        self.stage, self.rows, self.every_s = None, [], every_s
+    def __init__(self, every_s: float = 0.01, on_row=None):
+        self.stage, self.rows, self.every_s, self.on_row = None, [], every_s, on_row
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -95,6 +95,8 @@ class Sampler:
                    cuda_peak_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
                    rss_peak_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         self.rows.append(row)
+        if self.on_row:
+            self.on_row(row)
 
     def close(self) -> None:
         self._stop.set()
@@ -117,21 +119,23 @@ def main() -> None:
     else:
         from test_real_backends import build_world
 
-    with tempfile.TemporaryDirectory(prefix="aspire-memory-") as tmp:
-        rows = measure(build_world, Path(tmp), args.device)
     unit, scale = ("MiB", 2**20) if args.sizes == "real" else ("KiB", 2**10)
     print(f"| stage | models alive at the stage's peak ({unit} as held) | {unit} as held | {unit} at float16 | "
           "peak CUDA MiB | peak RSS MiB | s |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+
+    def row(r: dict) -> None:   # printed as each stage ends: a later stage's failure keeps the earlier rows
         names = ", ".join(f"{k} {b / scale:.0f}" for k, (b, _) in sorted(r["alive"].items(), key=lambda kv: -kv[1][0]))
         cuda = r["cuda_peak_mib"] if r["cuda_peak_mib"] is not None else "n/a"
         print(f"| {r['stage']} | {names} | {r['bytes'] / scale:.0f} | {2 * r['numel'] / scale:.0f} | {cuda} | "
-              f"{r['rss_peak_mib']} | {r['seconds']} |")
+              f"{r['rss_peak_mib']} | {r['seconds']} |", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="aspire-memory-") as tmp:
+        measure(build_world, Path(tmp), args.device, row)
 
 
-def measure(build_world, tmp: Path, device) -> list[dict]:
-    """The stages of the audit in the real-backend world under `tmp`, measured."""
+def measure(build_world, tmp: Path, device, on_row=None) -> list[dict]:
+    """The stages of the audit in the real-backend world under `tmp`, measured; `on_row(row)` as each ends."""
     from aspire.config import load_config
     from aspire.models.classifier import build_classifier
     from aspire.models.train import train_classifier
@@ -147,7 +151,7 @@ def measure(build_world, tmp: Path, device) -> list[dict]:
     inputs = RunArgs(data=str(root / "data"), model=str(root / "model.pt"))
     dataset, clf = load_inputs(inputs, device=device)
     pipeline = ProbePipeline(dataset, clf, cfg, open_run(root / "run", "probe", inputs), seed=0)
-    sampler = Sampler()
+    sampler = Sampler(on_row=on_row)
     try:
         with sampler.measure("caption"):
             pipeline.caption()
@@ -159,7 +163,7 @@ def measure(build_world, tmp: Path, device) -> list[dict]:
             pipeline.probe()
             pipeline.test_further(pipeline.findings())
         with sampler.measure("generation"):   # from every finding with edits to use, as an approved audit would
-            groups = [f.key for f in pipeline.findings() if f.evidence_edits]
+            groups = [f.key for f in pipeline.findings() if f.evidence_edits] or None   # None: augment.select's rule
             augment_run(root / "run", root / "augmented", cfg, 0, groups=groups, pipeline=pipeline,
                         on_message=lambda m: None)
         with sampler.measure("retraining"):

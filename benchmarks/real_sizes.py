@@ -160,7 +160,7 @@ BOX_THRESHOLD = 0.9   # for build_grounding_dino_tiny's detector
 
 
 def build_world(root: Path, models: Path):
-    """Under `root`: a toy-waterbirds at 512 px (4 training images per class), a random ResNet-50 trained one epoch,
+    """Under `root`: a toy-waterbirds at 512 px (2 training images per class), a random ResNet-50 trained one epoch,
     and config.json selecting the real-size models under `models` (built there once); returns (root, None, the
     running loopback LLM: exit it when done), as the tiny world's builder does."""
     from llm_server import LoopbackLLM
@@ -172,7 +172,7 @@ def build_world(root: Path, models: Path):
     from aspire.models.train import train_classifier
 
     built = build_all(models)
-    write_benchmark("toy-waterbirds", root / "data", seed=0, size_px=512, sizes={"train": 4, "val": 1, "test": 1})
+    write_benchmark("toy-waterbirds", root / "data", seed=0, size_px=512, sizes={"train": 2, "val": 1, "test": 1})
     ds = load_dataset(root / "data")
     clf = build_classifier("resnet50", ds.class_names, input_size=224, seed=0)
     train_classifier(clf, ds.split("train"), [], epochs=1, batch_size=8, lr=0.01, weight_decay=5e-4, seed=0,
@@ -182,7 +182,7 @@ def build_world(root: Path, models: Path):
     llm = server.__enter__()
     path = {name: m["path"] for name, m in built.items()}
     config = {
-        "holdout": {"fraction": 1.0, "min_per_class": 4, "min_group_images": 0},
+        "holdout": {"fraction": 1.0, "min_per_class": 2, "min_group_images": 0},
         "caption": {"backend": "transformers", "model_id": path["git"], "max_new_tokens": 8},
         "phrases": {"backend": "llm", "base_url": llm.base_url, "api_key": "sk-test", "model": "tiny",
                     "captions_per_call": 1, "max_retries": 0, "backoff_s": 0},
@@ -195,7 +195,7 @@ def build_world(root: Path, models: Path):
         "generate": {"backend": "textual-inversion", "model_id": path["sd"], "train_steps": 1,
                      "train_batch_size": 1, "resolution_px": 512, "seeds": [0], "images_per_seed": 1,
                      "num_inference_steps": 1, "batch_size": 1},
-        "augment": {"select": "flipping", "filter": False},
+        "augment": {"select": "generic", "filter": False},   # a random classifier's edits rarely flip
     }
     (root / "config.json").write_text(json.dumps(config))
     return root, None, server
