@@ -68,6 +68,8 @@ CASES = [
          _write("classes.txt", "gizmo\n", under="data")),
     Case("celeba files missing", "probe --data {data} --format celeba --model {model}",
          "{data}/list_attr_celeba.csv: file is missing"),
+    Case("a class without training images", "train --data {data} --arch smallcnn --out {tmp}/m.pt",
+         "{data}: class 'sprocket' has no training images", _write("classes.txt", "gizmo\nwidget\nsprocket\n", under="data")),
     Case("not an image folder dataset", "probe --data {tmp}/empty --format imagefolder --model {model}",
          "no split folders", broken=lambda data, tmp: (tmp / "empty").mkdir()),
     Case("unknown format", "probe --data {data} --format parquet --model {model}", "'parquet' is not one of", code=2),

@@ -86,6 +86,10 @@ def train_cmd(
     epochs, batch_size, lr, weight_decay = recipe.epochs, recipe.batch_size, recipe.lr, recipe.weight_decay
     # 2. data and model
     ds = load_dataset(data, format, attr=attr, target=target)
+    trained_on = {s.y for s in ds.split("train")}
+    untrained = [name for y, name in enumerate(ds.class_names) if y not in trained_on]
+    if untrained and init is None:
+        raise DataError(f"{ds.root}: class {untrained[0]!r} has no training images (a model cannot learn it)")
     val_samples = ds.split("val", allow_empty=True)
     augmentation = None
     if augment_dir is not None:
