@@ -34,9 +34,10 @@ class HoldoutSettings(Settings):
                                   "gets more: the class's other correctly classified training images are searched "
                                   "for it (grounding its phrase), up to max_per_class images in all (0: off)")
     donor_images: int = Field(40, ge=0, description="when only some classes are probed (--classes, a batch unit): "
-                              "this many training images of the other classes are captioned and grounded too, only to "
-                              "lend their backgrounds to background changes (a class's correctly classified images "
-                              "may all show one kind of background); never edited or tested (0: off)")
+                              "this many training images of the other classes are captioned and grounded too, to lend "
+                              "their backgrounds to background changes (a class's correctly classified images may all "
+                              "show one kind of background) and take the insertion tests' pastes; their own "
+                              "features are not tested (0: off)")
     seed: int = 0
 
 

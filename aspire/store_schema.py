@@ -165,8 +165,8 @@ RUN_META = (
     Entry("record", "CLI", "reproducibility record (aspire/provenance.py): python, platform, packages, prompt hashes, "
                            "config, seed, classifier", RunRecord),
     Entry("holdout", "probe step 1", "image keys (D_hold)", list[str]),
-    Entry("donors", "probe step 1", "image keys of other classes' training images that lend backgrounds "
-          "(`holdout.donor_images`; only when some classes are probed)", list[str]),
+    Entry("donors", "probe step 1", "image keys of other classes' training images that lend backgrounds and take "
+          "insertion pastes (`holdout.donor_images`; only when some classes are probed)", list[str]),
     Entry("holdout_extension", "probe step 1b", "`{class: [image keys]}`: training images that joined the hold-out "
                                                  "because they show a group too rare in it", dict[str, list[str]]),
     Entry("background_groups", "probe step 4b", "`{background phrase: group}`: near-duplicates merged, then groups "

@@ -209,8 +209,8 @@ def one_background_per_class_world(root: Path, n_per_class: int = 12) -> Path:
 
 def test_a_class_probed_alone_borrows_other_classes_backgrounds(tmp_path):
     """Probing the widgets alone (--classes, a batch unit): their hold-out shows only lagoons, so the background
-    change takes its donors from the gizmos' training images, which are described but never edited. Without
-    donors (holdout.donor_images = 0) the lagoon cannot be tested at all."""
+    change takes its donors from the gizmos' training images, which are described but not tested themselves (the
+    insertion test pastes into them). Without donors (holdout.donor_images = 0) the lagoon cannot be tested at all."""
     world = one_background_per_class_world(tmp_path / "w")
     ann = str(world / "annotations.jsonl")
 
@@ -225,12 +225,14 @@ def test_a_class_probed_alone_borrows_other_classes_backgrounds(tmp_path):
     donors = pipeline.store.meta("donors", [])
     assert len(donors) == 5 and all(pipeline.samples[k].y == 0 for k in donors) and result.counts.donors == 5
     assert result.counts.holdout == 12 and result.counts.captions == 12   # the donors are described, not counted
-    edits = pipeline.store.all("edit", Edit)
-    assert edits and {pipeline.samples[e.image].y for e in edits} == {1}            # only widgets are edited
+    edits = [e for e in pipeline.store.all("edit", Edit) if e.test == "removal"]
+    assert edits and {pipeline.samples[e.image].y for e in edits} == {1}   # only widgets are tested for removal
     real = [e for e in edits if e.kind == "background" and not e.control]
     assert real and {e.donor for e in real} <= set(donors)
     lagoon, = [f for f in result.findings if f.kind == "background"]
     assert lagoon.phrase == "lagoon" and lagoon.spurious and lagoon.effect == pytest.approx(0.7, abs=1e-6)
+    # sufficiency too: the lagoon pasted into the gizmo donors raises P(widget) from 0.2 to 0.9
+    assert lagoon.insertion_effect == pytest.approx(0.7, abs=1e-6) and result.counts.insertion_edits > 0
 
     pipeline, result = probe("without", donors=0)
     assert pipeline.store.meta("donors", []) == [] and not any(f.kind == "background" for f in result.findings)

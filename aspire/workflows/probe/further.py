@@ -34,15 +34,15 @@ class FurtherTests:
 
     # ------------------------------------------------------------ 4d. insertion (sufficiency)
     def insert_regions(self, findings: Sequence[Finding], max_edits: Optional[int] = None) -> list[Edit]:
-        """For every testable group, its region pasted into hold-out images of the other classes (at the same place,
-        their own object kept), each with a control paste: for an object, a region of the same area from elsewhere in
-        the source image; for a background, the same region from an image of another background group. The test
-        reads the rise of the source class's probability. `probe.insertion_images` pastes per group (0: off)."""
+        """For every testable group, its region pasted into hold-out (or donor) images of the other classes (at the
+        same place, their own object kept), each with a control paste: for an object, a region of the same area from
+        elsewhere in the source image; for a background, the same region from an image of another background group.
+        The test reads the rise of the source class's probability. `probe.insertion_images` pastes per group (0: off)."""
         n = self.config.probe.insertion_images
         if n <= 0:
             return []
         real = [e for e in self.store.all("edit", Edit) if e.test == "removal" and not e.control and e.mask_png]
-        holdout = self.holdout()
+        holdout = self.described()   # the donors (other classes' images, when some classes are probed) too
         out_dir = self.store.folder("edits")
         for f in findings:
             marker = f.key
@@ -52,7 +52,7 @@ class FurtherTests:
             members = set(f.phrases) | {f.phrase}
             sources = sorted((e for e in real if e.kind == f.kind and self.samples[e.image].y == f.class_index
                               and lexicon.normalize(e.phrase) in members), key=lambda e: e.edit_id)
-            targets = [s for s in holdout if s.y != f.class_index and s.y in self.class_ids]
+            targets = [s for s in holdout if s.y != f.class_index]
             seed = edit_seed(self.seed, "insertion", marker)
             random.Random(seed).shuffle(targets)
             requests = []

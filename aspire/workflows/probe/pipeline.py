@@ -112,7 +112,8 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
         return [self.samples[k] for k in self.store.get_meta("holdout", [])]
 
     def donors(self) -> list[Sample]:
-        """Other classes' training images that lend their backgrounds (described like the hold-out, never edited)."""
+        """Other classes' training images that lend their backgrounds and take insertion pastes (described like the
+        hold-out; their own features are not tested)."""
         return [self.samples[k] for k in self.store.meta("donors", [])]
 
     def described(self) -> list[Sample]:
