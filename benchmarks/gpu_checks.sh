@@ -16,5 +16,6 @@ ASPIRE_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ca
 tests=${PIPESTATUS[0]}
 "$PYTHON" benchmarks/gpu_memory.py --device cuda --sizes real --models "$LOGDIR/models" 2>&1 \
     | tee "$LOGDIR/memory.log" | grep '^|'
+memory=${PIPESTATUS[0]}
 rm -rf "$LOGDIR/models"
-exit $tests
+[ "$tests" -eq 0 ] && [ "$memory" -eq 0 ]

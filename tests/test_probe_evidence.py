@@ -212,6 +212,7 @@ def test_a_class_probed_alone_borrows_other_classes_backgrounds(tmp_path):
     change takes its donors from the gizmos' training images, which are described but not tested themselves (the
     insertion test pastes into them). Without donors (holdout.donor_images = 0) the lagoon cannot be tested at all."""
     world = one_background_per_class_world(tmp_path / "w")
+    (world / "images" / "000.png").write_bytes(b"not an image")   # a gizmo: never picked as a donor
     ann = str(world / "annotations.jsonl")
 
     def probe(run: str, donors: int):
@@ -221,9 +222,10 @@ def test_a_class_probed_alone_borrows_other_classes_backgrounds(tmp_path):
                                  classes=["widget"])
         return pipeline, pipeline.run()
 
-    pipeline, result = probe("with", donors=5)
+    pipeline, result = probe("with", donors=12)   # every gizmo, but the unreadable one
     donors = pipeline.store.meta("donors", [])
-    assert len(donors) == 5 and all(pipeline.samples[k].y == 0 for k in donors) and result.counts.donors == 5
+    assert len(donors) == 11 and all(pipeline.samples[k].y == 0 for k in donors) and result.counts.donors == 11
+    assert "images/000.png" not in donors
     assert result.counts.holdout == 12 and result.counts.captions == 12   # the donors are described, not counted
     edits = [e for e in pipeline.store.all("edit", Edit) if e.test == "removal"]
     assert edits and {pipeline.samples[e.image].y for e in edits} == {1}   # only widgets are tested for removal

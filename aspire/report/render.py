@@ -86,15 +86,16 @@ class RunReport:
         return found
 
     def counts(self, findings: list[Finding]) -> dict[str, Any]:
-        regions = self.store.all("region", Region)
+        holdout = set(self.store.get_meta("holdout", []) or [])   # not the donors, which only lend backgrounds
+        regions = [r for r in self.store.all("region", Region) if r.image in holdout]
         edits = self.store.all("edit", Edit)
         augmented = self.store.get_meta("augmented") or {}
         skipped = Counter(str(e.get("reason") or "no reason recorded") for e in self.store.events("skipped"))
         not_grounded = Counter(str(r.reason or "no reason recorded") for r in regions if not r.grounded)
         return {
-            "holdout": len(self.store.get_meta("holdout", []) or []),
-            "captions": self.store.count("caption"),
-            "phrase_failures": sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed),
+            "holdout": len(holdout),
+            "captions": sum(self.store.has("caption", k) for k in holdout),
+            "phrase_failures": sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed and p.image in holdout),
             "regions": len(regions),
             "not_grounded": sum(not_grounded.values()),
             "edits": sum(1 for e in edits if not e.control and e.test == "removal"),

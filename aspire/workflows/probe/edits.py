@@ -117,8 +117,8 @@ class EditSteps:
         return self._object_unions[sample.image]
 
     def background_groups(self) -> dict[str, str]:
-        """{background phrase: group} over the backgrounds of the hold-out and the donors. Phrases whose regions were found are grouped
-        by how their regions look (colour histograms, `merge_by_appearance`): "pond" joins "lake" because pond
+        """{background phrase: group} over the backgrounds of the hold-out and the donors. Phrases whose regions were
+        found are grouped by how their regions look (colour histograms, `merge_by_appearance`): "pond" joins "lake" because pond
         images look like lake images, whatever the words; the others by text (near-duplicate phrases). Computed
         once, kept in the store (meta `background_groups`): the donors and the findings use the same groups."""
         if self._bg_groups is None:

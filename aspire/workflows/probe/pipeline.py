@@ -155,18 +155,26 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
         return self.holdout()
 
     def _pick_donors(self, train: Sequence[Sample]) -> list[str]:
-        """`holdout.donor_images` training images of the classes not probed, drawn in turn from each class (seeded):
+        """`holdout.donor_images` training images of the classes not probed that the classifier gets right (so they
+        are readable, and an insertion into one starts from another class), drawn in turn from each class (seeded):
         none when every class is probed (their hold-out images lend each other their backgrounds)."""
+        want = self.config.holdout.donor_images
         others = [y for y in range(len(self.class_names)) if y not in self.class_ids]
-        pools = {y: sorted(s.image for s in train if s.y == y and not s.synthetic) for y in others}
+        if not want or not others:
+            return []
+        pools = {y: sorted((s for s in train if s.y == y and not s.synthetic), key=lambda s: s.image) for y in others}
         rng = random.Random(derive_seed(self.config.holdout.seed + self.seed, "donors"))
         for pool in pools.values():
             rng.shuffle(pool)
         rng.shuffle(others)
+        order = [pools[y][i] for i in range(max(len(p) for p in pools.values())) for y in others if i < len(pools[y])]
         picked: list[str] = []
-        for i in range(max((len(p) for p in pools.values()), default=0)):
-            picked += [pools[y][i] for y in others if i < len(pools[y])]
-        return sorted(picked[:self.config.holdout.donor_images])
+        step = max(want, self.config.probe.batch_size)
+        for start in range(0, len(order), step):   # predicted in chunks until enough are right
+            picked += [s.image for s in self._correct(order[start:start + step])]
+            if len(picked) >= want:
+                break
+        return sorted(picked[:want])
 
     def _correct(self, samples: Sequence[Sample]) -> list[Sample]:
         """The samples the classifier gets right; its predictions are recorded (records `prediction`). An image
@@ -354,7 +362,7 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
         return ProbeCounts(
             holdout=len(holdout), donors=len(self.store.meta("donors", [])),
             captions=sum(self.store.has("caption", k) for k in holdout),
-            phrase_failures=sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed),
+            phrase_failures=sum(1 for p in self.store.all("phrases", PhraseSet) if p.failed and p.image in holdout),
             regions=len(regions), not_grounded=sum(1 for r in regions if not r.grounded),
             propagated=sum(len(p.found) for p in propagated),
             edits=sum(1 for e in edits if not e.control and e.test == "removal"),

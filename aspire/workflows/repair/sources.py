@@ -56,9 +56,9 @@ class Sources:
             if not backgrounds:
                 backgrounds = self._own_backgrounds(sel, sources, dilated)
                 avoid = ", ".join(f.phrase for f in sel.avoid)
-                notes.append(f"class {sel.class_name!r}: every training image with a known background shows "
-                             f"{avoid}, so none could lend a background free of it; the generated images keep the "
-                             f"backgrounds of the edited images (where the edits changed or removed {avoid})")
+                notes.append(f"class {sel.class_name!r}: every training image of the run with a known background "
+                             f"shows {avoid}, so none could lend a background free of it; the generated images keep "
+                             f"the backgrounds of the edited images (where the edits changed or removed {avoid})")
         return ClassJob(sel.class_index, sel.class_name, sources, backgrounds, seed=self.seed)
 
     def _generic_job(self, sel: ClassSelection) -> ClassJob:
