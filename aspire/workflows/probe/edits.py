@@ -118,9 +118,9 @@ class EditSteps:
 
     def background_groups(self) -> dict[str, str]:
         """{background phrase: group} over the backgrounds of the hold-out and the donors. Phrases whose regions were
-        found are grouped by how their regions look (colour histograms, `merge_by_appearance`): "pond" joins "lake" because pond
-        images look like lake images, whatever the words; the others by text (near-duplicate phrases). Computed
-        once, kept in the store (meta `background_groups`): the donors and the findings use the same groups."""
+        found are grouped by how their regions look (colour histograms, `merge_by_appearance`): "pond" joins "lake"
+        because pond images look like lake images, whatever the words; the others by text (near-duplicate phrases).
+        Computed once, kept in the store (meta `background_groups`): the donors and the findings use the same groups."""
         if self._bg_groups is None:
             self._bg_groups = self.store.get_meta("background_groups")
         if self._bg_groups is None:
@@ -253,7 +253,8 @@ class EditSteps:
             return []
         same = self._donor(sample, seed, lambda g: g == group, whole=region is None)
         if same is None and region is not None:  # a region copied onto itself would change nothing
-            self._skip(sample, phrase, "no other hold-out or donor image with a background of the same group for a control")
+            self._skip(sample, phrase,
+                       "no other hold-out or donor image with a background of the same group for a control")
             return []
         if same is None:  # the image's whole background, its object inpainted: the compositing artefacts alone
             same, kind = (image, fg_mask, ~fg_mask, phrase, sample.image), "self-donor"

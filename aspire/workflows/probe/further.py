@@ -37,7 +37,8 @@ class FurtherTests:
         """For every testable group, its region pasted into hold-out (or donor) images of the other classes (at the
         same place, their own object kept), each with a control paste: for an object, a region of the same area from
         elsewhere in the source image; for a background, the same region from an image of another background group.
-        The test reads the rise of the source class's probability. `probe.insertion_images` pastes per group (0: off)."""
+        The test reads the rise of the source class's probability. `probe.insertion_images`: pastes per group
+        (0: off)."""
         n = self.config.probe.insertion_images
         if n <= 0:
             return []

@@ -198,8 +198,9 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
 
     # ------------------------------------------------------------ 2. captions
     def caption(self) -> list[Caption]:
-        """Captions of the hold-out images (and the donors). A batch that fails is captioned image by image; an image that fails
-        alone is a recorded failure (not retried on resume unless `retry_failed`); all of them failing is an error."""
+        """Captions of the hold-out images (the donors are captioned too; not returned). A batch that fails is
+        captioned image by image; an image that fails alone is a recorded failure (not retried on resume unless
+        `retry_failed`); all of them failing is an error."""
         holdout = self.select_holdout()
         todo = [s for s in self.described() if not self.store.has("caption", s.image)
                 and not self.store.has("failure", f"caption|{s.image}|")]
