@@ -268,6 +268,17 @@ class EditSteps:
         return [edit.model_copy(update={"donor": donor[4], "donor_background": donor[3]})
                 for edit, donor in ((real, other), (control, same))]
 
+    def described_backgrounds(self) -> dict[str, list[str]]:
+        """{image key: every phrase it names, the propagated ones included} of the hold-out and donor images whose
+        background is known (the largest region its mask calls a background, else the extractor's background word):
+        the repair's background donors are chosen among them."""
+        out = {}
+        for key in self._described_keys():
+            phrases = self.phrase_set(key)
+            if phrases is not None and not phrases.failed and self._background_of(key) is not None:
+                out[key] = list(phrases.named())
+        return out
+
     def _described_keys(self) -> list[str]:
         """The hold-out's image keys, then the donors' (they lend backgrounds)."""
         return [*self.store.get_meta("holdout", []), *self.store.meta("donors", [])]

@@ -12,7 +12,7 @@ from PIL import Image
 from aspire.config import AspireConfig
 from aspire.data.images import erode, load_image, load_mask
 from aspire.errors import DataError
-from aspire.schemas import Edit, Finding, PhraseSet
+from aspire.schemas import Edit, Finding
 from aspire.store import RunStore
 from aspire.tools import lexicon
 from aspire.tools.generate import Background, ClassJob, SourceEdit, derive_seed
@@ -103,14 +103,13 @@ class Sources:
 
     # -- backgrounds
     def _phrase_table(self) -> dict[str, list[str]]:
-        """{image key: phrases} for training images with a known background: store phrases, then annotations
-        (never validation or test images: their pixels must not reach training)."""
+        """{image key: phrases} for training images with a known background: the run's described images (hold-out
+        and donors: the background from their masks, their phrases with the propagated ones), then, as a fallback,
+        annotated images naming a scene word (never validation or test images: their pixels must not reach
+        training)."""
         if self._phrases is None:
             samples = {k: s for k, s in self.pipeline.samples.items() if s.split == "train" and not s.synthetic}
-            table: dict[str, list[str]] = {}
-            for p in self.store.all("phrases", PhraseSet):
-                if not p.failed and p.background and p.image in samples:
-                    table[p.image] = [*p.foreground, *p.background]
+            table = {k: phrases for k, phrases in self.pipeline.described_backgrounds().items() if k in samples}
             path = self.config.ground.annotations or self.config.caption.annotations
             if path and Path(path).is_file():
                 from aspire.data.annotations import read_annotations
