@@ -269,14 +269,15 @@ class EditSteps:
                 for edit, donor in ((real, other), (control, same))]
 
     def described_backgrounds(self) -> dict[str, list[str]]:
-        """{image key: every phrase it names, the propagated ones included} of the hold-out and donor images whose
-        background is known (the largest region its mask calls a background, else the extractor's background word):
-        the repair's background donors are chosen among them."""
+        """{image key: every phrase known to be in it} of the hold-out and donor images whose background is known
+        (the largest region its mask calls a background, else the extractor's background word): the phrases it
+        names, those grounded in it that its caption left out, and those that landed on a region it names under
+        another phrase. The repair's background donors are chosen among them."""
         out = {}
         for key in self._described_keys():
             phrases = self.phrase_set(key)
             if phrases is not None and not phrases.failed and self._background_of(key) is not None:
-                out[key] = list(phrases.named())
+                out[key] = list(dict.fromkeys([*phrases.named(), *self._propagated(key).same]))
         return out
 
     def _described_keys(self) -> list[str]:

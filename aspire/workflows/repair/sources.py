@@ -116,8 +116,9 @@ class Sources:
 
                 for key, ann in read_annotations(path, check_files=False).items():
                     phrases = [r.phrase for r in ann.regions]
-                    if key not in table and key in samples and \
-                            any(lexicon.scene_category(p) for p in phrases):
+                    if key in table:   # what the annotations show and the captions did not say is in it too
+                        table[key] = list(dict.fromkeys([*table[key], *phrases]))
+                    elif key in samples and any(lexicon.scene_category(p) for p in phrases):
                         table[key] = phrases
             self._phrases = table
         return self._phrases
