@@ -124,7 +124,7 @@ class EditSteps:
         if self._bg_groups is None:
             self._bg_groups = self.store.get_meta("background_groups")
         if self._bg_groups is None:
-            found = {k: b for k in self._described_keys() if (b := self._background_of(k)) is not None}
+            found = {k: b for k in self.described_keys() if (b := self._background_of(k)) is not None}
             by_text = merge_phrase_groups([b[0] for b in found.values()], self.config.probe.merge_similarity,
                                           by_scene=True)
             hists: dict[str, list[np.ndarray]] = {}
@@ -274,19 +274,15 @@ class EditSteps:
         names, those grounded in it that its caption left out, and those that landed on a region it names under
         another phrase. The repair's background donors are chosen among them."""
         out = {}
-        for key in self._described_keys():
+        for key in self.described_keys():
             phrases = self.phrase_set(key)
             if phrases is not None and not phrases.failed and self._background_of(key) is not None:
                 out[key] = list(dict.fromkeys([*phrases.named(), *self._propagated(key).same]))
         return out
 
-    def _described_keys(self) -> list[str]:
-        """The hold-out's image keys, then the donors' (they lend backgrounds)."""
-        return [*self.store.get_meta("holdout", []), *self.store.meta("donors", [])]
-
     def _alternative(self, group: str) -> Optional[str]:
         """The most frequent other background group of the hold-out and the donors (for instruction editing)."""
-        counts = Counter(self._background_group(b[0]) for k in self._described_keys()
+        counts = Counter(self._background_group(b[0]) for k in self.described_keys()
                          if (b := self._background_of(k)) is not None)
         others = [(n, g) for g, n in counts.items() if g != group]
         return max(others, key=lambda t: (t[0], t[1]))[1] if others else None
@@ -300,7 +296,7 @@ class EditSteps:
         when there are such), then an image of it: a background change goes to another kind of background,
         not to whatever kind the probed classes' images happen to show most."""
         rng = random.Random(seed)
-        keys = sorted(k for k in self._described_keys() if k != sample.image)
+        keys = sorted(k for k in self.described_keys() if k != sample.image)
         rng.shuffle(keys)
         by_group: dict[str, list[str]] = defaultdict(list)
         for key in keys:

@@ -111,14 +111,13 @@ class ProbePipeline(PhraseDiscovery, EditSteps, FurtherTests):
     def holdout(self) -> list[Sample]:
         return [self.samples[k] for k in self.store.get_meta("holdout", [])]
 
-    def donors(self) -> list[Sample]:
-        """Other classes' training images that lend their backgrounds and take insertion pastes (described like the
-        hold-out; their own features are not tested)."""
-        return [self.samples[k] for k in self.store.meta("donors", [])]
+    def described_keys(self) -> list[str]:
+        """The images that are captioned and grounded: the hold-out, then the donors (other classes' training images
+        that lend their backgrounds and take insertion pastes; their own features are not tested)."""
+        return [*self.store.get_meta("holdout", []), *self.store.meta("donors", [])]
 
     def described(self) -> list[Sample]:
-        """The images that are captioned and grounded: the hold-out, then the donors."""
-        return self.holdout() + self.donors()
+        return [self.samples[k] for k in self.described_keys()]
 
     # ------------------------------------------------------------ 1. D_hold
     def select_holdout(self) -> list[Sample]:
